@@ -1,0 +1,132 @@
+"""AdamW with the official Deformable DETR parameter groups, clipping and step decay.
+
+Parameter groups, decided by the path of each leaf in the params tree (a leading
+'params' collection key is ignored):
+  'frozen'      paths under backbone/conv1, backbone/bn1, backbone/layer1_*, and any path
+                whose module component contains 'bn' (frozen BatchNorm): update is exactly
+                zero, no weight decay, and their gradients are excluded from the clip norm
+                (the official code sets requires_grad=False on them);
+  'backbone'    other paths under `backbone`: lr_backbone;
+  'linear_proj' any path component named `sampling_offsets` or `reference_points`:
+                lr * lr_linear_proj_mult;
+  'default'     everything else: lr.
+All trainable groups use AdamW(b1, b2, eps=1e-8, weight_decay) with decoupled decay scaled by
+the group's (scheduled) lr, as torch.optim.AdamW. Order of operations as in the official
+loop: frozen gradients zeroed -> global-norm clip over all trainable gradients
+(clip_max_norm; <= 0 disables) -> per-group AdamW. The lr of every group is multiplied by 0.1
+from epoch `lr_drop` on (torch StepLR stepped once per epoch).
+
+Gradient accumulation (grad_accum_steps > 1) wraps everything in `optax.MultiSteps`:
+gradients of k consecutive `update` calls are averaged, then one real update is made.
+"""
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+
+GROUPS = ("default", "backbone", "linear_proj", "frozen")
+_FROZEN_BACKBONE_MODULES = ("conv1", "bn1")
+_LINEAR_PROJ_NAMES = ("sampling_offsets", "reference_points")
+
+
+def _key_name(key: Any) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def label_for_path(path: tuple) -> str:
+  """Group label of one parameter path (a tuple of names, leaf name last)."""
+  if path and path[0] == "params":
+    path = path[1:]
+  modules = path[:-1]  # the leaf name ('kernel', 'scale', ...) is not a module name
+  if any("bn" in name for name in modules):
+    return "frozen"
+  if path and path[0] == "backbone":
+    if len(path) > 1 and (path[1] in _FROZEN_BACKBONE_MODULES or path[1].startswith("layer1_")):
+      return "frozen"
+    return "backbone"
+  if any(name in _LINEAR_PROJ_NAMES for name in modules):
+    return "linear_proj"
+  return "default"
+
+
+def param_labels(params: Any) -> Any:
+  """The tree of group labels ('default' | 'backbone' | 'linear_proj' | 'frozen') for params."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: label_for_path(tuple(_key_name(k) for k in path)), params)
+
+
+def learning_rate_schedule(base_lr: float, lr_drop: int, steps_per_epoch: int,
+                           drop_factor: float = 0.1) -> Callable[[jnp.ndarray], jnp.ndarray]:
+  """Step decay: base_lr before update number lr_drop * steps_per_epoch, then base_lr * 0.1.
+
+  Args:
+    base_lr: initial learning rate.
+    lr_drop: epoch from which the lr is multiplied by drop_factor (<= 0: never).
+    steps_per_epoch: optimizer updates per epoch.
+    drop_factor: the multiplier.
+
+  Returns:
+    An optax schedule: update count (0 for the first update) -> lr.
+  """
+  if steps_per_epoch <= 0:
+    raise ValueError(f"learning_rate_schedule: steps_per_epoch must be > 0, got {steps_per_epoch}")
+  if lr_drop <= 0:
+    return optax.constant_schedule(base_lr)
+  boundary = lr_drop * steps_per_epoch
+
+  def schedule(count):
+    return jnp.where(count < boundary, base_lr, base_lr * drop_factor)
+
+  return schedule
+
+
+def make_optimizer(optim_config: Any, steps_per_epoch: int, params: Any
+                   ) -> optax.GradientTransformation:
+  """The training optimizer.
+
+  Args:
+    optim_config: config.optim: lr, lr_backbone, lr_linear_proj_mult, weight_decay, b1, b2,
+      clip_max_norm, lr_drop (epoch), grad_accum_steps.
+    steps_per_epoch: calls of `update` (train steps, i.e. micro-batches when accumulating)
+      per epoch; the schedule counts real updates, steps_per_epoch // grad_accum_steps per epoch.
+    params: the params tree (or a tree of the same structure, e.g. shapes) for the labels.
+
+  Returns:
+    An optax GradientTransformation (an optax.MultiSteps one when grad_accum_steps > 1; its
+    state is `MultiStepsState`, whose `mini_step` says where in the accumulation it is).
+  """
+  c = optim_config
+  accum = int(c.get("grad_accum_steps", 1) or 1)
+  if accum < 1:
+    raise ValueError(f"config.optim.grad_accum_steps must be >= 1, got {accum}")
+  if steps_per_epoch < accum:
+    raise ValueError(f"make_optimizer: steps_per_epoch={steps_per_epoch} is smaller than "
+                     f"config.optim.grad_accum_steps={accum}")
+  updates_per_epoch = steps_per_epoch // accum
+  labels = param_labels(params)
+
+  def adamw(lr):
+    return optax.adamw(learning_rate_schedule(lr, c.lr_drop, updates_per_epoch),
+                       b1=c.b1, b2=c.b2, eps=1e-8, weight_decay=c.weight_decay)
+
+  group_transforms: Mapping[str, optax.GradientTransformation] = {
+      "default": adamw(c.lr),
+      "backbone": adamw(c.lr_backbone),
+      "linear_proj": adamw(c.lr * c.lr_linear_proj_mult),
+      "frozen": optax.set_to_zero(),
+  }
+  zero_frozen = optax.multi_transform(
+      {"frozen": optax.set_to_zero(), "trainable": optax.identity()},
+      jax.tree.map(lambda label: "frozen" if label == "frozen" else "trainable", labels))
+  chain = [zero_frozen]
+  if c.clip_max_norm and c.clip_max_norm > 0:
+    chain.append(optax.clip_by_global_norm(c.clip_max_norm))
+  chain.append(optax.multi_transform(group_transforms, labels))
+  optimizer = optax.chain(*chain)
+  if accum > 1:
+    optimizer = optax.MultiSteps(optimizer, every_k_schedule=accum).gradient_transformation()
+  return optimizer
