@@ -1,0 +1,87 @@
+"""Fixed-shape batches: images padded to a square bucket, boxes padded to `max_boxes`.
+
+A batch (numpy, one process's share) is a dict:
+  images        (B, S, S, 3) float32 ImageNet-normalized; padding pixels are 0
+  padding_mask  (B, S, S) bool, True = padding
+  boxes         (B, max_boxes, 4) float32 normalized cxcywh (relative to `size`, not S)
+  labels        (B, max_boxes) int32
+  box_mask      (B, max_boxes) bool, True = a real box
+  image_id      (B,) int64            host-only
+  orig_size     (B, 2) int32 (h, w)   host-only: the source image
+  size          (B, 2) int32 (h, w)   host-only: after the transform, before padding
+  valid         (B,) bool             host-only: False for filler images
+S is the smallest of `buckets` that fits every image of the batch, so the number of distinct
+batch shapes is at most len(buckets). Filler images (valid=False) are all-zero and unpadded
+(padding_mask False), so they are numerically harmless, and have no boxes.
+"""
+import numpy as np
+
+from ddetr_jax.data import transforms
+
+HOST_KEYS = ("image_id", "orig_size", "size", "valid")
+DEVICE_KEYS = ("images", "padding_mask", "boxes", "labels", "box_mask")
+
+
+def select_bucket(height: int, width: int, buckets) -> int:
+  """Smallest bucket side >= max(height, width)."""
+  fitting = [b for b in sorted(buckets) if b >= max(height, width)]
+  if not fitting:
+    raise ValueError(f"an image of size {height}x{width} is larger than the largest bucket "
+                     f"{max(buckets)} in data.buckets={tuple(buckets)}; add a larger bucket or "
+                     f"lower data.train_max_size/val_max_size")
+  return fitting[0]
+
+
+def truncate_boxes(boxes: np.ndarray, labels: np.ndarray,
+                   max_boxes: int) -> tuple[np.ndarray, np.ndarray, int]:
+  """Keeps the `max_boxes` largest boxes (by area, order kept); returns the count dropped."""
+  if len(boxes) <= max_boxes:
+    return boxes, labels, 0
+  area = boxes[:, 2] * boxes[:, 3]
+  keep = np.sort(np.argsort(-area, kind="stable")[:max_boxes])
+  return boxes[keep], labels[keep], len(boxes) - max_boxes
+
+
+def filler(size: int) -> dict:
+  """A placeholder transformed record (valid=False) for padding a batch."""
+  return {"image": np.zeros((size, size, 3), np.uint8), "boxes": np.zeros((0, 4), np.float32),
+          "labels": np.zeros((0,), np.int32), "image_id": np.int64(-1),
+          "orig_size": np.array([size, size], np.int32), "size": np.array([size, size], np.int32),
+          "valid": False}
+
+
+def collate(records: list[dict], buckets, max_boxes: int) -> dict:
+  """Stacks transformed records (see `transforms.train_transform`) into a padded batch.
+
+  Returns the batch dict of the module doc plus `num_truncated_boxes` (int): how many boxes
+  were dropped because an image had more than `max_boxes`.
+  """
+  batch_size = len(records)
+  side = select_bucket(max(r["image"].shape[0] for r in records),
+                       max(r["image"].shape[1] for r in records), buckets)
+  images = np.zeros((batch_size, side, side, 3), np.float32)
+  padding_mask = np.ones((batch_size, side, side), bool)
+  boxes = np.zeros((batch_size, max_boxes, 4), np.float32)
+  labels = np.zeros((batch_size, max_boxes), np.int32)
+  box_mask = np.zeros((batch_size, max_boxes), bool)
+  num_truncated = 0
+  for i, record in enumerate(records):
+    height, width = record["image"].shape[:2]
+    if record.get("valid", True):
+      transforms.normalize_image(record["image"], out=images[i, :height, :width])
+    padding_mask[i, :height, :width] = False
+    kept_boxes, kept_labels, dropped = truncate_boxes(record["boxes"], record["labels"],
+                                                      max_boxes)
+    num_truncated += dropped
+    boxes[i, :len(kept_boxes)] = kept_boxes
+    labels[i, :len(kept_labels)] = kept_labels
+    box_mask[i, :len(kept_boxes)] = True
+  return {
+      "images": images, "padding_mask": padding_mask, "boxes": boxes, "labels": labels,
+      "box_mask": box_mask,
+      "image_id": np.array([r["image_id"] for r in records], np.int64),
+      "orig_size": np.stack([np.asarray(r["orig_size"], np.int32) for r in records]),
+      "size": np.array([r["image"].shape[:2] for r in records], np.int32).reshape(batch_size, 2),
+      "valid": np.array([bool(r.get("valid", True)) for r in records], bool),
+      "num_truncated_boxes": num_truncated,
+  }
