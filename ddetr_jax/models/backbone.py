@@ -1,0 +1,152 @@
+"""ResNet backbone in the torchvision layout with frozen BatchNorm and optional dilation (DC5).
+
+Parameter names mirror torchvision so that checkpoints map one to one: `conv1`, `bn1`,
+`layer{N}_{i}` (block i of layerN) holding `conv1..3`, `bn1..3`, `downsample_conv`,
+`downsample_bn`. Every BatchNorm is frozen: its four arrays (`scale`, `bias`, `mean`, `var`)
+live in the 'params' collection under a module whose name contains `bn` (the optimizer never
+updates them) and the forward pass uses them as constants with eps 1e-5.
+"""
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ddetr_jax.models import initializers
+
+# depth -> (block type, blocks per stage)
+RESNET_LAYOUTS = {
+    18: ("basic", (2, 2, 2, 2)),
+    34: ("basic", (3, 4, 6, 3)),
+    50: ("bottleneck", (3, 4, 6, 3)),
+    101: ("bottleneck", (3, 4, 23, 3)),
+}
+_STAGE_WIDTHS = (64, 128, 256, 512)
+
+
+def stage_channels(depth: int) -> tuple[int, int, int, int]:
+  """Output channels of layer1..layer4 for a ResNet depth."""
+  if depth not in RESNET_LAYOUTS:
+    raise ValueError(f"backbone_depth must be one of {sorted(RESNET_LAYOUTS)}, got {depth}")
+  expansion = 4 if RESNET_LAYOUTS[depth][0] == "bottleneck" else 1
+  return tuple(w * expansion for w in _STAGE_WIDTHS)
+
+
+class FrozenBatchNorm(nn.Module):
+  """BatchNorm with fixed affine parameters and statistics: y = (x - mean) / sqrt(var + eps) * scale + bias."""
+  features: int
+  eps: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [..., C] -> [..., C] in x's dtype (the folded scale/shift are computed in float32)."""
+    scale = self.param("scale", nn.initializers.ones, (self.features,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+    mean = self.param("mean", nn.initializers.zeros, (self.features,), jnp.float32)
+    var = self.param("var", nn.initializers.ones, (self.features,), jnp.float32)
+    scale, bias, mean, var = (jax.lax.stop_gradient(a) for a in (scale, bias, mean, var))
+    folded_scale = scale * jax.lax.rsqrt(var + self.eps)
+    folded_bias = bias - mean * folded_scale
+    return x * folded_scale.astype(x.dtype) + folded_bias.astype(x.dtype)
+
+
+def _conv(features: int, kernel: int, stride: int, dilation: int, dtype: Any, name: str) -> nn.Conv:
+  """Bias-free conv with PyTorch's symmetric padding dilation * (kernel // 2)."""
+  pad = dilation * (kernel // 2)
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
+                 kernel_dilation=(dilation, dilation), use_bias=False, dtype=dtype,
+                 kernel_init=initializers.kaiming_normal_fan_out(), name=name)
+
+
+class BasicBlock(nn.Module):
+  """Two 3x3 convs (ResNet-18/34). Dilation applies to both convs (torchvision refuses dilation
+  in basic blocks; this extension lets small backbones run the DC5 variant)."""
+  planes: int
+  stride: int = 1
+  dilation: int = 1
+  downsample: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [B, H, W, C_in] -> [B, H / stride, W / stride, planes]."""
+    out = _conv(self.planes, 3, self.stride, self.dilation, self.dtype, "conv1")(x)
+    out = nn.relu(FrozenBatchNorm(self.planes, name="bn1")(out))
+    out = _conv(self.planes, 3, 1, self.dilation, self.dtype, "conv2")(out)
+    out = FrozenBatchNorm(self.planes, name="bn2")(out)
+    if self.downsample:
+      x = _conv(self.planes, 1, self.stride, 1, self.dtype, "downsample_conv")(x)
+      x = FrozenBatchNorm(self.planes, name="downsample_bn")(x)
+    return nn.relu(out + x)
+
+
+class Bottleneck(nn.Module):
+  """1x1 -> 3x3 (stride, dilation) -> 1x1 with expansion 4 (torchvision v1.5: stride in the 3x3)."""
+  planes: int
+  stride: int = 1
+  dilation: int = 1
+  downsample: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [B, H, W, C_in] -> [B, H / stride, W / stride, 4 * planes]."""
+    out = _conv(self.planes, 1, 1, 1, self.dtype, "conv1")(x)
+    out = nn.relu(FrozenBatchNorm(self.planes, name="bn1")(out))
+    out = _conv(self.planes, 3, self.stride, self.dilation, self.dtype, "conv2")(out)
+    out = nn.relu(FrozenBatchNorm(self.planes, name="bn2")(out))
+    out = _conv(self.planes * 4, 1, 1, 1, self.dtype, "conv3")(out)
+    out = FrozenBatchNorm(self.planes * 4, name="bn3")(out)
+    if self.downsample:
+      x = _conv(self.planes * 4, 1, self.stride, 1, self.dtype, "downsample_conv")(x)
+      x = FrozenBatchNorm(self.planes * 4, name="downsample_bn")(x)
+    return nn.relu(out + x)
+
+
+class ResNet(nn.Module):
+  """torchvision ResNet trunk (no pooling head) returning the requested stage outputs.
+
+  Attributes:
+    depth: 18, 34, 50 or 101.
+    dilation: replace layer4's stride 2 by dilation 2 (DC5): as torchvision's
+      `replace_stride_with_dilation=[False, False, True]`, the first block of layer4 keeps
+      dilation 1 with stride 1 and the following blocks use dilation 2.
+    return_layers: which of layer1..4 to return (1-based), e.g. (2, 3, 4) or (4,).
+  """
+  depth: int = 50
+  dilation: bool = False
+  return_layers: Sequence[int] = (2, 3, 4)
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: jax.Array) -> list[jax.Array]:
+    """images: [B, H, W, 3] -> list of [B, H_l, W_l, C_l] for each layer in `return_layers`."""
+    if self.depth not in RESNET_LAYOUTS:
+      raise ValueError(f"backbone_depth must be one of {sorted(RESNET_LAYOUTS)}, got {self.depth}")
+    kind, blocks = RESNET_LAYOUTS[self.depth]
+    block_cls = Bottleneck if kind == "bottleneck" else BasicBlock
+    expansion = 4 if kind == "bottleneck" else 1
+    x = images.astype(self.dtype)
+    x = nn.Conv(64, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), use_bias=False, dtype=self.dtype,
+                kernel_init=initializers.kaiming_normal_fan_out(), name="conv1")(x)
+    x = nn.relu(FrozenBatchNorm(64, name="bn1")(x))
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # [B, H/4, W/4, 64]
+    in_channels, current_dilation, outputs = 64, 1, []
+    for stage, (planes, num_blocks) in enumerate(zip(_STAGE_WIDTHS, blocks)):
+      stride = 1 if stage == 0 else 2
+      previous_dilation = current_dilation
+      if stage == 3 and self.dilation:
+        current_dilation *= stride
+        stride = 1
+      for i in range(num_blocks):
+        x = block_cls(
+            planes,
+            stride=stride if i == 0 else 1,
+            dilation=previous_dilation if i == 0 else current_dilation,
+            downsample=i == 0 and (stride != 1 or in_channels != planes * expansion),
+            dtype=self.dtype,
+            name=f"layer{stage + 1}_{i}")(x)
+        in_channels = planes * expansion
+      if stage + 1 in self.return_layers:
+        outputs.append(x)
+    return outputs

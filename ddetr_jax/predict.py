@@ -1,0 +1,202 @@
+"""Detections on arbitrary image files: annotated pictures and a detections json.
+
+`predict_files(model, params, config, patterns, out_dir)` reads every file matching the patterns
+(any size; grayscale, palette, CMYK, 16-bit and RGBA images are converted to RGB, transparency
+composited on white), resizes it like validation images (shorter side `data.val_scale`, longer
+at most `data.val_max_size`), runs the detector one image at a time, and writes into `out_dir`
+  <stem>.jpg              the image with boxes, class names and scores > threshold
+  <stem>_attention.png    (the `num_attention` best detections) the last decoder layer's
+                          sampling points on every level, coloured by attention weight
+  detections.json         {'images': [{'file', 'height', 'width', 'detections': [{'label',
+                          'name', 'score', 'query', 'box_xyxy'}], 'attention': [png]}],
+                          'skipped': [{'file', 'error'}]}
+An unreadable file is logged by name, listed under 'skipped', and the others still run.
+"""
+import glob
+import json
+import logging
+import os
+from typing import Optional, Sequence
+
+import jax
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from ddetr_jax import visualize
+from ddetr_jax.data import batching
+from ddetr_jax.data import transforms
+from ddetr_jax.postprocess import postprocess
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
+                    ".pgm")
+
+
+class UnreadableImageError(ValueError):
+  """An image file that cannot be opened or decoded (the message names the file)."""
+
+
+def load_image(path: str) -> np.ndarray:
+  """[H, W, 3] uint8 RGB of any PIL-readable image; raises UnreadableImageError naming `path`."""
+  try:
+    with Image.open(path) as image:
+      image.load()
+      if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+      elif image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        pixels = np.asarray(image, np.float64)
+        top = pixels.max() if pixels.size and pixels.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(pixels / top * 255.0, 0, 255).astype(np.uint8))
+      pixels = np.asarray(image.convert("RGB"), np.uint8)
+  except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+    raise UnreadableImageError(f"cannot read image {path!r}: {e}") from e
+  if pixels.ndim != 3 or min(pixels.shape[:2]) < 1:
+    raise UnreadableImageError(f"cannot read image {path!r}: empty image of shape {pixels.shape}")
+  return pixels
+
+
+def image_batch(image: np.ndarray, config) -> dict:
+  """A one-image batch (see ddetr_jax/data/batching.py) resized like validation images."""
+  record = {"image": image, "boxes": np.zeros((0, 4), np.float32),
+            "labels": np.zeros((0,), np.int32), "is_crowd": np.zeros((0,), bool),
+            "area": np.zeros((0,), np.float32), "image_id": np.int64(0),
+            "orig_size": np.array(image.shape[:2], np.int32)}
+  record = transforms.eval_transform(record, scale=config.data.val_scale,
+                                     max_size=config.data.val_max_size)
+  batch = batching.collate([record], tuple(config.data.buckets), int(config.data.max_boxes))
+  batch.pop("num_truncated_boxes", None)
+  return batch
+
+
+def expand_patterns(patterns: Sequence[str]) -> list[str]:
+  """Files matching glob patterns (a directory means its image files), sorted, no duplicates."""
+  files = []
+  for pattern in patterns:
+    if os.path.isdir(pattern):
+      matches = [os.path.join(pattern, n) for n in sorted(os.listdir(pattern))
+                 if n.lower().endswith(IMAGE_EXTENSIONS)]
+    else:
+      matches = sorted(glob.glob(pattern, recursive=True)) or (
+          [pattern] if not glob.has_magic(pattern) else [])
+    files.extend(m for m in matches if m not in files)
+  return files
+
+
+def validation_images(config, count: int) -> list[str]:
+  """Paths of the first `count` validation images (by image id) of a coco_folder/shapes source."""
+  if config.data.source not in ("coco_folder", "shapes"):
+    raise ValueError(f"validation image files need data.source 'coco_folder' or 'shapes', got "
+                     f"{config.data.source!r}; pass image files instead")
+  from ddetr_jax.data import coco_folder, sources  # pylint: disable=g-import-not-at-top
+  ann_file, image_dir = sources.coco_paths(config.data, "val")
+  images = sorted(coco_folder.load_coco(ann_file).imgs.values(), key=lambda image: image["id"])
+  return [os.path.join(image_dir, image["file_name"]) for image in images[:count]]
+
+
+def _class_names(config) -> list[str]:
+  try:
+    from ddetr_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+    return list(data_lib.category_names(config.data))
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning("no class names (the dataset of config.data is not available: %s); "
+                    "labels are drawn as numbers", e)
+    return [str(i) for i in range(config.model.num_classes)]
+
+
+class Predictor:
+  """Jitted detection (and optionally deformable sampling) of one preprocessed image at a time."""
+
+  def __init__(self, model, params, config, with_sampling: bool = False):
+    num_top = int(config.eval.num_top)
+    self.with_sampling = with_sampling
+
+    def run(params, images, padding_mask, orig_size):
+      if with_sampling:
+        outputs = visualize.last_decoder_sampling(model, params, images, padding_mask)
+      else:
+        outputs = model.apply({"params": params}, images, padding_mask, train=False)
+      detections = postprocess(outputs["pred_logits"], outputs["pred_boxes"], orig_size, num_top)
+      if with_sampling:
+        detections["sampling_locations"] = outputs["sampling_locations"]
+        detections["attention_weights"] = outputs["attention_weights"]
+      return detections
+
+    self._run = jax.jit(run)
+    self.params = params
+
+  def __call__(self, batch: dict) -> dict:
+    """Post-processed detections (numpy) of a batch from `image_batch`."""
+    out = self._run(self.params, batch["images"], batch["padding_mask"],
+                    np.asarray(batch["orig_size"], np.float32))
+    return jax.tree.map(np.asarray, out)
+
+
+def predict_files(model, params, config, patterns: Sequence[str], out_dir: str,
+                  threshold: Optional[float] = None, num_attention: int = 1,
+                  class_names: Optional[Sequence[str]] = None) -> dict:
+  """Detects objects in image files and writes the pictures and detections.json (module doc).
+
+  Args:
+    model, params: the detector and its params.
+    config: full config (uses data.val_scale, data.val_max_size, data.buckets, data.max_boxes,
+      eval.num_top, eval.score_threshold, model.num_classes).
+    patterns: files, directories or glob patterns.
+    out_dir: output directory (created).
+    threshold: score threshold (default config.eval.score_threshold).
+    num_attention: sampling-point pictures per image, for its best detections (0: none).
+    class_names: names per label id (default: those of config.data's dataset, else numbers).
+  Returns:
+    the detections.json content.
+  """
+  threshold = float(config.eval.score_threshold if threshold is None else threshold)
+  names = list(class_names) if class_names is not None else _class_names(config)
+  files = expand_patterns(patterns)
+  if not files:
+    raise FileNotFoundError(f"no image files match {list(patterns)}")
+  os.makedirs(out_dir, exist_ok=True)
+  predictor = Predictor(model, params, config, with_sampling=num_attention > 0)
+  summary = {"images": [], "skipped": []}
+  used_stems = set()
+  for path in files:
+    try:
+      image = load_image(path)
+    except UnreadableImageError as e:
+      logging.error("%s; skipped", e)
+      summary["skipped"].append({"file": path, "error": str(e)})
+      continue
+    batch = image_batch(image, config)
+    out = predictor(batch)
+    keep = np.flatnonzero(out["scores"][0] > threshold)
+    detections = [{"label": int(out["labels"][0, k]),
+                   "name": (names[int(out["labels"][0, k])]
+                            if int(out["labels"][0, k]) < len(names) else str(out["labels"][0, k])),
+                   "score": float(out["scores"][0, k]), "query": int(out["query"][0, k]),
+                   "box_xyxy": [float(v) for v in out["boxes"][0, k]]} for k in keep]
+    stem = os.path.splitext(os.path.basename(path))[0]
+    while stem in used_stems:
+      stem += "_"
+    used_stems.add(stem)
+    picture = visualize.draw_detections(image, out["boxes"][0], out["labels"][0], out["scores"][0],
+                                        names, threshold)
+    picture.save(os.path.join(out_dir, f"{stem}.jpg"), quality=92)
+    entry = {"file": path, "height": int(image.shape[0]), "width": int(image.shape[1]),
+             "output": os.path.join(out_dir, f"{stem}.jpg"), "detections": detections}
+    for rank in range(min(num_attention, len(keep) if len(keep) else 1)):
+      query = int(out["query"][0, rank])
+      label = int(out["labels"][0, rank])
+      attention_path = os.path.join(out_dir, f"{stem}_attention{'' if rank == 0 else rank}.png")
+      name = names[label] if label < len(names) else str(label)
+      visualize.plot_sampling_points(
+          image, out["sampling_locations"][0, query], out["attention_weights"][0, query],
+          padded_size=batch["images"].shape[1:3], size=batch["size"][0], path=attention_path,
+          box=out["boxes"][0, rank],
+          title=f"{os.path.basename(path)}: {name} {float(out['scores'][0, rank]):.2f} "
+                f"(query {query}), last decoder layer sampling points")
+      entry.setdefault("attention", []).append(attention_path)
+    summary["images"].append(entry)
+  with open(os.path.join(out_dir, "detections.json"), "w") as f:
+    json.dump(summary, f, indent=1)
+  logging.info("wrote %d annotated images to %s (%d skipped)", len(summary["images"]), out_dir,
+               len(summary["skipped"]))
+  return summary

@@ -1,0 +1,86 @@
+"""Evaluates a Deformable DETR checkpoint on COCO-style data, or predicts on image files.
+
+COCO evaluation of the configured validation split (prints the 12 metrics and writes
+WORKDIR/coco_metrics.json and WORKDIR/coco_results.json):
+  python eval.py --config configs/deformable_detr.py:default --checkpoint DIR --workdir W
+  python eval.py --config configs/deformable_detr.py:default --torch_checkpoint r50_deformable_detr.pth
+Predictions (annotated images, sampling-point pictures, detections.json) on any images:
+  python eval.py --config ... --checkpoint DIR --predict 'photos/*.jpg' --out OUT
+  python eval.py --config configs/shapes.py --checkpoint W/checkpoints --predict_val 4 --out OUT
+`--checkpoint` is an orbax directory: a training CheckpointManager root (latest step), one of its
+step folders, or a converted checkpoint (`python -m ddetr_jax.convert`).
+"""
+import logging
+import os
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "shapes.py")
+config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Config file (`path.py:variant`).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", "runs/eval", "Where coco_metrics.json and coco_results.json go.")
+flags.DEFINE_string("checkpoint", None, "Orbax checkpoint directory holding the params.")
+flags.DEFINE_string("torch_checkpoint", None, "PyTorch checkpoint, converted on the fly.")
+flags.DEFINE_list("predict", None, "Image files, directories or glob patterns to predict on.")
+flags.DEFINE_integer("predict_val", 0, "Predict on the first N validation images instead.")
+flags.DEFINE_string("out", None, "Output directory of --predict (default WORKDIR/predictions).")
+flags.DEFINE_float("threshold", None, "Score threshold for drawn detections "
+                   "(default config.eval.score_threshold).")
+flags.DEFINE_integer("num_attention", 1, "Sampling-point pictures per predicted image.")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with cluster "
+                  "auto-detection (TPU pods, SLURM, Open MPI).")
+flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 for "
+                    "jax.distributed.initialize (multi-host without auto-detection).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
+flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+flags.mark_flags_as_mutual_exclusive(["checkpoint", "torch_checkpoint"], required=True)
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.getLogger().setLevel(logging.INFO)
+  import jax  # pylint: disable=g-import-not-at-top
+  if FLAGS.coordinator_address:
+    jax.distributed.initialize(FLAGS.coordinator_address, num_processes=FLAGS.num_processes,
+                               process_id=FLAGS.process_id)
+  elif FLAGS.distributed:
+    jax.distributed.initialize()
+  from ddetr_jax import evaluator, predict, sharding  # pylint: disable=g-import-not-at-top
+  from ddetr_jax.models import build_model  # pylint: disable=g-import-not-at-top
+
+  config = FLAGS.config
+  model = build_model(config)
+  step = None
+  if FLAGS.checkpoint:
+    _, step = evaluator.checkpoint_params_dir(FLAGS.checkpoint)
+    params = evaluator.load_params(FLAGS.checkpoint)
+  else:
+    from ddetr_jax import convert  # pylint: disable=g-import-not-at-top
+    params = convert.load_torch_params(FLAGS.torch_checkpoint, config)
+
+  if FLAGS.predict or FLAGS.predict_val:
+    patterns = FLAGS.predict or predict.validation_images(config, FLAGS.predict_val)
+    out_dir = FLAGS.out or os.path.join(FLAGS.workdir, "predictions")
+    if jax.process_index() != 0:
+      return  # predictions run on one process.
+    summary = predict.predict_files(model, params, config, patterns, out_dir,
+                                    threshold=FLAGS.threshold, num_attention=FLAGS.num_attention)
+    print(f"wrote {len(summary['images'])} annotated images, their sampling-point pictures and "
+          f"detections.json to {os.path.abspath(out_dir)}"
+          + (f"; skipped {len(summary['skipped'])} unreadable" if summary["skipped"] else ""))
+    return
+
+  metrics = evaluator.evaluate(model, params, config, mesh=sharding.make_mesh(),
+                               workdir=FLAGS.workdir, step=step)
+  if jax.process_index() == 0:
+    for name in evaluator.METRIC_NAMES:
+      print(f"{name:>6s} {metrics[name]:.4f}")
+    print(f"wrote {os.path.join(os.path.abspath(FLAGS.workdir), 'coco_metrics.json')}")
+
+
+if __name__ == "__main__":
+  app.run(main)

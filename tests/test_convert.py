@@ -1,0 +1,215 @@
+"""Checkpoint conversion: official / HF hub / torchvision layouts, strictness and safety."""
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from configs import tiny
+from ddetr_jax import convert
+from tests.test_model_hf_reference import build_hf_model
+
+
+@pytest.fixture(scope="module")
+def hf_models():
+  return {v: build_hf_model(tiny.get_config(v).model, seed=4) for v in ("default", "box_refine")}
+
+
+def _flat(params) -> dict:
+  return {"/".join(str(k.key) for k in p): np.asarray(v)
+          for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+def _assert_same_params(a, b):
+  fa, fb = _flat(a), _flat(b)
+  assert fa.keys() == fb.keys()
+  for k in fa:
+    np.testing.assert_array_equal(fa[k], fb[k], err_msg=k)
+
+
+# Official key names written from REFERENCE.md's checkpoint description (independent of convert.py).
+def _hf_to_official_for_test(sd: dict, dec_layers: int) -> dict:
+  out = {}
+  layer_roles = {
+      "encoder": {"self_attn_layer_norm": "norm1", "final_layer_norm": "norm2", "mlp.fc1": "linear1",
+                  "mlp.fc2": "linear2", "self_attn": "self_attn"},
+      "decoder": {"self_attn_layer_norm": "norm2", "encoder_attn_layer_norm": "norm1",
+                  "final_layer_norm": "norm3", "mlp.fc1": "linear1", "mlp.fc2": "linear2",
+                  "encoder_attn": "cross_attn", "self_attn.o_proj": "self_attn.out_proj"},
+  }
+  for k, v in sd.items():
+    v = v.clone()
+    if k.startswith("model.backbone.model."):
+      rest = k[len("model.backbone.model."):]
+      rest = rest.replace("embedder.embedder.convolution", "conv1").replace(
+          "embedder.embedder.normalization", "bn1")
+      m = re.match(r"encoder\.stages\.(\d)\.layers\.(\d+)\.(.*)", rest)
+      if m:
+        s, b, tail = m.groups()
+        tail = re.sub(r"^layer\.(\d)\.convolution", lambda g: f"conv{int(g.group(1)) + 1}", tail)
+        tail = re.sub(r"^layer\.(\d)\.normalization", lambda g: f"bn{int(g.group(1)) + 1}", tail)
+        tail = tail.replace("shortcut.convolution", "downsample.0").replace("shortcut.normalization",
+                                                                          "downsample.1")
+        rest = f"layer{int(s) + 1}.{b}.{tail}"
+      out["backbone.0.body." + rest] = v
+      continue
+    m = re.match(r"model\.(encoder|decoder)\.layers\.(\d+)\.(.*)", k)
+    if m:
+      part, i, rest = m.groups()
+      if re.match(r"self_attn\.[qkv]_proj", rest) and part == "decoder":
+        continue  # packed below
+      for hf_name, off in layer_roles[part].items():
+        if rest.startswith(hf_name + "."):
+          rest = off + rest[len(hf_name):]
+          break
+      out[f"transformer.{part}.layers.{i}.{rest}"] = v
+      continue
+    k2 = {"model.level_embed": "transformer.level_embed",
+          "model.query_position_embeddings.weight": "query_embed.weight"}.get(k, k)
+    k2 = re.sub(r"^model\.reference_points", "transformer.reference_points", k2)
+    k2 = re.sub(r"^model\.decoder\.", "transformer.decoder.", k2)
+    k2 = re.sub(r"^model\.input_proj", "input_proj", k2)
+    out[k2] = v
+  for i in range(dec_layers):
+    p = f"model.decoder.layers.{i}.self_attn."
+    for kind in ("weight", "bias"):
+      out[f"transformer.decoder.layers.{i}.self_attn.in_proj_{kind}"] = torch.cat(
+          [sd[p + f"{c}_proj.{kind}"] for c in "qkv"])
+  return out
+
+
+def test_official_pth_layout(hf_models, tmp_path):
+  config = tiny.get_config("default")
+  sd = hf_models["default"].state_dict()
+  official = _hf_to_official_for_test(sd, config.model.dec_layers)
+  assert "class_embed.1.weight" in official  # shared heads saved per layer
+  official["backbone.0.body.layer1.0.conv1.total_ops"] = torch.zeros(1, dtype=torch.float64)
+  official["total_params"] = torch.zeros(1)
+  official["backbone.0.body.bn1.num_batches_tracked"] = torch.tensor(0)
+  path = tmp_path / "checkpoint.pth"
+  torch.save({"model": official, "epoch": 49, "args": {"lr": 2e-4}}, path)
+  _assert_same_params(convert.load_torch_params(str(path), config),
+                      convert.params_from_hf_state_dict(sd, config))
+
+
+def test_hub_names_timm_backbone_and_safetensors(hf_models, tmp_path):
+  """SenseTime hub naming: conv_encoder + timm (torchvision) ResNet names, fc1/out_proj, and tied
+  duplicates dropped as save_pretrained does."""
+  from safetensors.torch import save_file
+  config = tiny.get_config("box_refine")
+  sd = hf_models["box_refine"].state_dict()
+  official = _hf_to_official_for_test(sd, config.model.dec_layers)
+  hub = {}
+  for k, v in sd.items():
+    if k.startswith("model.backbone.model."):
+      continue
+    k = k.replace("self_attn.o_proj", "self_attn.out_proj").replace("mlp.fc", "fc")
+    if k.startswith("model.decoder.bbox_embed."):
+      continue  # tied to bbox_embed.*: not in the hub file
+    hub[k] = v.clone().contiguous()
+  for k, v in official.items():
+    if k.startswith("backbone.0.body."):
+      hub["model.backbone.conv_encoder.model." + k[len("backbone.0.body."):]] = v.contiguous()
+  path = tmp_path / "model.safetensors"
+  save_file(hub, str(path))
+  _assert_same_params(convert.load_torch_params(str(path), config),
+                      convert.params_from_hf_state_dict(sd, config))
+
+
+def test_torchvision_resnet_backbone_only(hf_models, tmp_path):
+  config = tiny.get_config("default")
+  official = _hf_to_official_for_test(hf_models["default"].state_dict(), config.model.dec_layers)
+  resnet = {k[len("backbone.0.body."):]: v for k, v in official.items() if k.startswith("backbone.0.body.")}
+  resnet["fc.weight"], resnet["fc.bias"] = torch.zeros(1000, 512), torch.zeros(1000)
+  path = tmp_path / "resnet18.pth"
+  torch.save(resnet, path)
+  init = jax.tree_util.tree_map(lambda s: np.full(s.shape, 7.0, np.float32),
+                                convert.expected_param_shapes(config))
+  params = convert.load_torch_params(str(path), config, init_params=init)
+  reference = convert.params_from_hf_state_dict(hf_models["default"].state_dict(), config)
+  _assert_same_params(params["backbone"], reference["backbone"])
+  assert np.all(params["transformer"]["level_embed"] == 7.0)
+  np.testing.assert_array_equal(params["backbone"]["layer2_0"]["conv1"]["kernel"],
+                                resnet["layer2.0.conv1.weight"].numpy().transpose(2, 3, 1, 0))
+
+
+def _error(state_dict, config) -> str:
+  with pytest.raises(convert.CheckpointError) as e:
+    convert.params_from_state_dict(state_dict, config)
+  return str(e.value)
+
+
+def test_wrong_variant_is_named(hf_models):
+  msg = _error(hf_models["box_refine"].state_dict(), tiny.get_config("default"))
+  assert "fits variant 'box_refine'" in msg
+  msg = _error(hf_models["default"].state_dict(), tiny.get_config("box_refine"))
+  assert "fits variant 'default'" in msg
+  two_stage = build_hf_model(tiny.get_config("two_stage").model).state_dict()
+  assert "fits variant 'two_stage'" in _error(two_stage, tiny.get_config("box_refine"))
+  assert "fits variant 'single_scale" in _error(
+      build_hf_model(tiny.get_config("single_scale").model).state_dict(), tiny.get_config("default"))
+
+
+def test_missing_unused_and_bad_shape_reported_together(hf_models):
+  sd = dict(hf_models["default"].state_dict())
+  del sd["model.encoder.layers.1.self_attn.value_proj.weight"]
+  sd["model.extra.weight"] = torch.zeros(3, 4)
+  sd["model.level_embed"] = torch.zeros(4, 31)
+  msg = _error(sd, tiny.get_config("default"))
+  assert "missing (1)" in msg and "transformer.encoder.layers.1.self_attn.value_proj.weight" in msg
+  assert "encoder/layers_1/self_attn/value_proj/kernel, shape (32, 32)" in msg
+  assert "unused (1)" in msg and "model.extra.weight (3, 4)" in msg
+  assert "shape mismatch (1)" in msg and "transformer.level_embed: checkpoint (4, 31)" in msg
+  assert "expects (4, 32)" in msg
+
+
+def test_truncated_file(hf_models, tmp_path):
+  path = tmp_path / "truncated.pth"
+  torch.save(hf_models["default"].state_dict(), path)
+  data = path.read_bytes()
+  path.write_bytes(data[:len(data) // 2])
+  with pytest.raises(convert.CheckpointError, match=re.escape(str(path)) + ".*truncated or corrupt"):
+    convert.load_torch_params(str(path), tiny.get_config("default"))
+  bad = tmp_path / "bad.safetensors"
+  bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+  with pytest.raises(convert.CheckpointError, match="not a readable safetensors"):
+    convert.load_torch_params(str(bad), tiny.get_config("default"))
+
+
+class _Malicious:
+  def __init__(self, marker):
+    self.marker = marker
+
+  def __reduce__(self):
+    return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_pickle_is_refused_and_not_run(tmp_path):
+  marker = tmp_path / "pwned"
+  path = tmp_path / "evil.pth"
+  torch.save({"model": {"x": torch.zeros(1)}, "payload": _Malicious(str(marker))}, path)
+  with pytest.raises(convert.CheckpointError, match="refusing to load"):
+    convert.load_torch_params(str(path), tiny.get_config("default"))
+  assert not marker.exists()
+
+
+def test_cli_writes_orbax_checkpoint(hf_models, tmp_path):
+  config = tiny.get_config("default")
+  sd = hf_models["default"].state_dict()
+  path = tmp_path / "hf.bin"
+  torch.save(sd, path)
+  out = tmp_path / "converted"
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu")
+  result = subprocess.run(
+      [sys.executable, "-m", "ddetr_jax.convert", f"--torch_checkpoint={path}",
+       f"--config={root}/configs/tiny.py:default", f"--out={out}"],
+      cwd=root, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  import orbax.checkpoint as ocp
+  restored = ocp.StandardCheckpointer().restore(str(out))
+  _assert_same_params(restored["params"], convert.params_from_hf_state_dict(sd, config))
