@@ -1,17 +1,30 @@
-"""Benchmark: multi-scale deformable attention, JAX vs the PyTorch grid_sample formulation.
+"""Benchmark: multi-scale deformable attention, JAX impls vs the PyTorch grid_sample formulation.
 
-Shapes are those of an 800x1066 image through ResNet-50 (levels (100,134), (50,67), (25,34),
-(13,17); M=8 heads, D=32, L=4, P=4): the encoder (Q = S = 17821) and the decoder (Q = 300), at
-batch 1 and 2. Both sides run on the CPU with the same number of threads; times are medians
-after warm-up. JAX temporary memory is XLA's compiled `memory_analysis()`; "in+out" is the bytes
-of the function's inputs and outputs (for forward+backward: inputs, output and the three input
-gradients) for scale.
+Shapes are those of an image (default 800x1066; --image 800x1333 for the GPU targets) through
+ResNet-50 (strides 8, 16, 32 and a stride-2 conv on the last: (100,134), (50,67), (25,34),
+(13,17) for 800x1066; M=8 heads, D=32, L=4, P=4): the encoder (Q = S = 17821) and the decoder
+(Q = 300), at the given batches and dtypes. One column set per JAX impl available on the
+machine (xla, xla_packed everywhere, pallas on a GPU; pallas in interpret mode only if asked for
+with --impls). Torch runs on the CPU with all threads, float32 only. Times are medians after
+warm-up. JAX temporary memory is XLA's compiled `memory_analysis()`.
 
-  python benchmarks/msda.py [--repeats 5] [--impls xla] [--batches 1,2]
+Analytic floor per shape (independent of the implementation):
+  bytes: what must cross memory at least once: fwd = value + locations + weights + output;
+    fwd+bwd = those + the output cotangent + the three input gradients (value read once, no
+    re-reads of gathered rows, no intermediates).
+  FLOPs: fwd = 8 * D per (b, q, m, l, p) sample (4 corners x D multiply-adds); the backward adds
+    16 * D per sample (4 corners x (D-long dot with the cotangent + D multiply-adds into the
+    value gradient)); the ~40 scalar ops per sample for corner weights are left out.
+"GB/s" is floor bytes / measured time: compare with the device's memory bandwidth (a time within
+3x of the bandwidth floor means GB/s >= bandwidth / 3).
+
+  python benchmarks/msda.py [--repeats 5] [--impls xla,xla_packed] [--batches 1,2]
+                            [--dtypes fp32,bf16] [--image 800x1066] [--no_torch]
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import statistics
@@ -28,8 +41,37 @@ import torch  # noqa: E402
 from ddetr_jax.ops.ms_deform_attn import ms_deform_attn  # noqa: E402
 from tests.msda_reference import ms_deform_attn_torch  # noqa: E402
 
-LEVELS = ((100, 134), (50, 67), (25, 34), (13, 17))
 M, D, P = 8, 32, 4
+DTYPES = {"fp32": np.float32, "bf16": jnp.bfloat16}
+
+
+def image_levels(height: int, width: int) -> tuple[tuple[int, int], ...]:
+  """ResNet-50 C3-C5 (strides 8, 16, 32, each 'same' conv rounding up) and a stride-2 C6."""
+  levels = [(math.ceil(height / s), math.ceil(width / s)) for s in (8, 16, 32)]
+  levels.append((math.ceil(levels[-1][0] / 2), math.ceil(levels[-1][1] / 2)))
+  return tuple(levels)
+
+
+LEVELS = image_levels(800, 1066)
+
+
+def analytic_floor(batch: int, q: int, s: int, value_itemsize: int, loc_itemsize: int = 4):
+  """(fwd bytes, fwd+bwd bytes, fwd FLOPs, fwd+bwd FLOPs) that any implementation must pay."""
+  num_levels = len(LEVELS)
+  value = batch * s * M * D * value_itemsize
+  loc = batch * q * M * num_levels * P * 2 * loc_itemsize
+  attn = batch * q * M * num_levels * P * value_itemsize
+  out = batch * q * M * D * value_itemsize
+  samples = batch * q * M * num_levels * P
+  fwd_bytes = value + loc + attn + out
+  return fwd_bytes, 2 * fwd_bytes + out, 8 * D * samples, 24 * D * samples
+
+
+def available_impls() -> list[str]:
+  impls = ["xla", "xla_packed"]
+  if jax.default_backend() == "gpu":
+    impls.append("pallas")
+  return impls
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -52,15 +94,11 @@ def _inputs(batch: int, q: int, seed: int = 0):
   return value, loc, attn
 
 
-def _nbytes(*arrays) -> int:
-  return sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in arrays)
-
-
-def bench_jax(impl: str, value, loc, attn, repeats: int):
+def bench_jax(impl: str, value, loc, attn, repeats: int, dtype=np.float32):
   """Returns (fwd s, fwd+bwd s, fwd temp bytes, fwd+bwd temp bytes)."""
-  args = [jnp.asarray(x) for x in (value, loc, attn)]
+  args = [jnp.asarray(value, dtype), jnp.asarray(loc), jnp.asarray(attn, dtype)]
   fwd = jax.jit(lambda v, l, a: ms_deform_attn(v, LEVELS, l, a, impl=impl))
-  cot = jnp.ones((value.shape[0], loc.shape[1], M * D), jnp.float32)
+  cot = jnp.ones((value.shape[0], loc.shape[1], M * D), dtype)
 
   def loss(v, l, a):
     return jnp.vdot(ms_deform_attn(v, LEVELS, l, a, impl=impl), cot)
@@ -87,34 +125,45 @@ def bench_torch(value, loc, attn, repeats: int):
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--repeats", type=int, default=5)
-  parser.add_argument("--impls", default="xla", help="comma-separated JAX impls")
+  parser.add_argument("--impls", default=",".join(available_impls()),
+                      help="comma-separated JAX impls (default: those available here)")
   parser.add_argument("--batches", default="1,2")
+  parser.add_argument("--dtypes", default="fp32", help="comma-separated: fp32,bf16")
+  parser.add_argument("--image", default="800x1066", help="HxW of the input image")
+  parser.add_argument("--no_torch", action="store_true", help="skip the torch CPU column")
   args = parser.parse_args(argv)
+  global LEVELS
+  LEVELS = image_levels(*(int(x) for x in args.image.split("x")))
   threads = os.cpu_count() or 1
   torch.set_num_threads(threads)
   impls = args.impls.split(",")
   s = sum(h * w for h, w in LEVELS)
   print(f"machine: {platform.machine()} {platform.processor() or ''} {threads} cores, "
         f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads); median of {args.repeats}\n")
-  header = ("| shape | B | pass | impl | JAX ms | torch ms | JAX/torch | JAX temp MB "
-            "| in+out MB | temp/(in+out) |")
+        f"({torch.get_num_threads()} threads); median of {args.repeats}; image {args.image}, "
+        f"levels {LEVELS}\n")
+  header = ("| shape | B | dtype | pass | impl | JAX ms | torch ms | JAX/torch | JAX temp MB "
+            "| floor MB | floor GFLOP | GB/s at floor | temp/floor |")
   print(header)
   print("|---" * (header.count("|") - 1) + "|")
   for name, q in (("encoder", s), ("decoder", 300)):
     for batch in (int(b) for b in args.batches.split(",")):
       value, loc, attn = _inputs(batch, q)
-      out_bytes = batch * q * M * D * 4
-      io_fwd = _nbytes(value, loc, attn) + out_bytes
-      io_bwd = io_fwd + _nbytes(value, loc, attn)
-      t_tf, t_tfb = bench_torch(value, loc, attn, args.repeats)
-      for impl in impls:
-        t_f, t_fb, mem_f, mem_fb = bench_jax(impl, value, loc, attn, args.repeats)
-        for pas, t_j, t_t, mem, io in (("fwd", t_f, t_tf, mem_f, io_fwd),
-                                       ("fwd+bwd", t_fb, t_tfb, mem_fb, io_bwd)):
-          print(f"| {name} Q={q} | {batch} | {pas} | {impl} | {t_j * 1e3:.1f} | {t_t * 1e3:.1f} "
-                f"| {t_j / t_t:.2f} | {mem / 2**20:.0f} | {io / 2**20:.0f} | {mem / io:.2f} |",
-                flush=True)
+      for dtype_name in args.dtypes.split(","):
+        dtype = DTYPES[dtype_name]
+        fb_f, fb_fb, fl_f, fl_fb = analytic_floor(batch, q, s, np.dtype(dtype).itemsize)
+        if args.no_torch or dtype_name != "fp32":
+          t_tf = t_tfb = float("nan")
+        else:
+          t_tf, t_tfb = bench_torch(value, loc, attn, args.repeats)
+        for impl in impls:
+          t_f, t_fb, mem_f, mem_fb = bench_jax(impl, value, loc, attn, args.repeats, dtype)
+          for pas, t_j, t_t, mem, fb, fl in (("fwd", t_f, t_tf, mem_f, fb_f, fl_f),
+                                             ("fwd+bwd", t_fb, t_tfb, mem_fb, fb_fb, fl_fb)):
+            torch_cols = "- | -" if math.isnan(t_t) else f"{t_t * 1e3:.1f} | {t_j / t_t:.2f}"
+            print(f"| {name} Q={q} | {batch} | {dtype_name} | {pas} | {impl} | {t_j * 1e3:.1f} "
+                  f"| {torch_cols} | {mem / 2**20:.0f} | {fb / 2**20:.0f} "
+                  f"| {fl / 1e9:.2f} | {fb / t_j / 1e9:.1f} | {mem / fb:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -8,17 +8,13 @@ deformable cross-attention, the sampling locations and attention weights it used
 `plot_sampling_points` draws them for one detection, one panel per feature level, each point
 coloured by its attention weight (like Fig. 5 of the paper), and returns the drawn coordinates.
 
-How the values are obtained. If the model sows them (flax `self.sow('intermediates', ...)` in
-`MSDeformAttn.__call__`, names `sampling_locations` and `sampling_weights`, under
-`transformer/decoder/layers_{dec_layers - 1}/cross_attn`), those are used. Otherwise they are
-rebuilt from the inputs of that module (reference points, spatial shapes) and the outputs of its
-`sampling_offsets` and `attention_weights` Dense layers, captured with `nn.intercept_methods`
-and sown by this module, with the official formula (REFERENCE.md, MSDeformAttn).
+How the values are obtained: `MSDeformAttn` sows the locations and weights it hands to the
+sampler (collection 'intermediates', names `sampling_locations` and `sampling_weights`); this
+module reads those of `transformer/decoder/layers_{dec_layers - 1}/cross_attn`.
 """
 import colorsys
 from typing import Any, Optional, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -86,57 +82,17 @@ def last_decoder_sampling(model, params, images: jax.Array, padding_mask: jax.Ar
     images: [B, H, W, 3] normalized; padding_mask: [B, H, W] bool, True = padding.
   Returns dict: `pred_logits` [B, Q, C], `pred_boxes` [B, Q, 4], `sampling_locations`
     [B, Q, M, L, P, 2] (x, y) in [0, 1] of the padded image (H, W), `attention_weights`
-    [B, Q, M, L, P], `reference_points` [B, Q, L, 2 or 4] (as given to the attention; absent when
-    the model sows the locations itself).
+    [B, Q, M, L, P]: exactly what the layer passed to the sampler.
   """
   target = _cross_attn_path(model)
-  static = {}
-
-  def interceptor(next_fun, args, kwargs, context):
-    module = context.module
-    path = tuple(module.scope.path) if module.scope is not None else ()
-    if context.method_name != "__call__":
-      return next_fun(*args, **kwargs)
-    if path == target:
-      names = ("query", "reference_points", "input_flatten", "spatial_shapes")
-      bound = dict(zip(names, args), **kwargs)
-      static.update(spatial_shapes=tuple(tuple(int(v) for v in s)
-                                         for s in bound["spatial_shapes"]),
-                    n_heads=module.n_heads, n_levels=module.n_levels, n_points=module.n_points)
-      module.sow(_COLLECTION, "captured_reference_points", bound["reference_points"])
-    elif path[:-1] == target and path[-1] in ("sampling_offsets", "attention_weights"):
-      out = next_fun(*args, **kwargs)
-      module.sow(_COLLECTION, "captured_output", out)
-      return out
-    return next_fun(*args, **kwargs)
-
-  with nn.intercept_methods(interceptor):
-    outputs, state = model.apply({"params": params}, images, padding_mask, train=False,
-                                 mutable=[_COLLECTION])
+  outputs, state = model.apply({"params": params}, images, padding_mask, train=False,
+                               mutable=[_COLLECTION])
   sown = _get(state.get(_COLLECTION, {}), target) or {}
-  result = {"pred_logits": outputs["pred_logits"], "pred_boxes": outputs["pred_boxes"]}
-  if "sampling_locations" in sown and "sampling_weights" in sown:
-    result["sampling_locations"] = sown["sampling_locations"][-1].astype(jnp.float32)
-    result["attention_weights"] = sown["sampling_weights"][-1].astype(jnp.float32)
-    return result
-  if "captured_reference_points" not in sown:
-    raise ValueError(f"the model has no deformable cross-attention at {'/'.join(target)}")
-  m, l, p = static["n_heads"], static["n_levels"], static["n_points"]
-  reference = sown["captured_reference_points"][-1].astype(jnp.float32)  # [B, Q, L, 2|4]
-  offsets = sown["sampling_offsets"]["captured_output"][-1].astype(jnp.float32)
-  b, q = offsets.shape[:2]
-  offsets = offsets.reshape(b, q, m, l, p, 2)  # [B, Q, M, L, P, 2]
-  logits = sown["attention_weights"]["captured_output"][-1].astype(jnp.float32)
-  weights = jax.nn.softmax(logits.reshape(b, q, m, l * p), axis=-1).reshape(b, q, m, l, p)
-  if reference.shape[-1] == 2:
-    normalizer = jnp.array([[w, h] for h, w in static["spatial_shapes"]], jnp.float32)  # [L, 2]
-    locations = reference[:, :, None, :, None, :] + offsets / normalizer[:, None, :]
-  else:
-    locations = (reference[:, :, None, :, None, :2]
-                 + offsets / p * reference[:, :, None, :, None, 2:] * 0.5)
-  result.update(sampling_locations=locations, attention_weights=weights,
-                reference_points=reference)
-  return result
+  if "sampling_locations" not in sown or "sampling_weights" not in sown:
+    raise ValueError(f"the model sowed no deformable sampling at {'/'.join(target)}")
+  return {"pred_logits": outputs["pred_logits"], "pred_boxes": outputs["pred_boxes"],
+          "sampling_locations": sown["sampling_locations"][-1].astype(jnp.float32),
+          "attention_weights": sown["sampling_weights"][-1].astype(jnp.float32)}
 
 
 def sampling_points_in_image(locations: np.ndarray, padded_size: Sequence[int],

@@ -89,6 +89,9 @@ class MSDeformAttn(nn.Module):
                    + offsets / p * reference_points[:, :, None, :, None, 2:] * 0.5)
     else:
       raise ValueError(f"reference_points must end in 2 or 4 coordinates, got shape {reference_points.shape}")
+    # Exposed for visualisation (`mutable=['intermediates']`); a no-op otherwise.
+    self.sow("intermediates", "sampling_locations", locations)
+    self.sow("intermediates", "sampling_weights", weights)
     # Locations and weights stay float32; the op returns value's (compute) dtype.
     out = _ms_deform_attn(value, spatial_shapes=spatial_shapes, sampling_locations=locations,
                           attention_weights=weights, impl=self.attention_impl)  # [B, Q, M*D]
