@@ -1,0 +1,147 @@
+"""Train-step speed: ddetr_jax's jitted step vs HF transformers' model + loss + AdamW step.
+
+  python benchmarks/train_step.py [--configs tiny,full] [--batch 2] [--size 256] [--steps 5]
+
+For each config: JAX compile time of the train step (trainer.make_train_step, 1-device mesh) and
+seconds per step after compilation, and HF `DeformableDetrForObjectDetection` (randomly
+initialised, HF ResNet backbone of the same depth, no download) forward with labels (its loss and
+Hungarian matcher) + backward + torch.optim.AdamW step, on the same batch size, image size and
+targets. `full` is configs/deformable_detr.py:default (ResNet-50, 6+6 layers, 300 queries);
+`tiny` is configs/tiny.py. Prints a table and one JSON line per config.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+_RESNET = {18: ("basic", [2, 2, 2, 2], [64, 128, 256, 512]),
+           34: ("basic", [3, 4, 6, 3], [64, 128, 256, 512]),
+           50: ("bottleneck", [3, 4, 6, 3], [256, 512, 1024, 2048])}
+
+
+def _config(name: str):
+  from configs import deformable_detr, tiny  # pylint: disable=g-import-not-at-top
+  return tiny.get_config("default") if name == "tiny" else deformable_detr.get_config("default")
+
+
+def _batch(batch_size: int, size: int, num_classes: int, max_boxes: int = 8, seed: int = 0):
+  """Images [B, S, S, 3], no padding, 1..max_boxes random boxes per image."""
+  rng = np.random.default_rng(seed)
+  images = rng.normal(size=(batch_size, size, size, 3)).astype(np.float32)
+  counts = rng.integers(1, max_boxes + 1, size=batch_size)
+  centers = rng.uniform(0.25, 0.75, size=(batch_size, max_boxes, 2))
+  sizes = rng.uniform(0.05, 0.4, size=(batch_size, max_boxes, 2))
+  boxes = np.concatenate([centers, sizes], -1).astype(np.float32)
+  labels = rng.integers(0, num_classes, size=(batch_size, max_boxes)).astype(np.int32)
+  box_mask = np.arange(max_boxes)[None] < counts[:, None]
+  return {"images": images, "padding_mask": np.zeros((batch_size, size, size), bool),
+          "boxes": boxes, "labels": labels, "box_mask": box_mask}
+
+
+def bench_jax(config, batch: dict, steps: int) -> dict:
+  import jax  # pylint: disable=g-import-not-at-top
+  from ddetr_jax import optim, sharding, trainer  # pylint: disable=g-import-not-at-top
+  from ddetr_jax.models import build_model  # pylint: disable=g-import-not-at-top
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  model = build_model(config)
+  size = batch["images"].shape[1]
+  config.data.buckets = (size,)
+  params = trainer.init_params(model, config, trainer.seed_rngs(0)[0], mesh)
+  tx = optim.make_optimizer(config.optim, 1000, params)
+  state = sharding.replicate(trainer.TrainState(
+      step=np.int32(0), params=params, opt_state=tx.init(params),
+      rng=trainer.seed_rngs(0)[1]), mesh)
+  step_fn = trainer.jit_train_step(
+      trainer.make_train_step(model, tx, config.loss, config.model.num_classes), mesh, state)
+  device_batch = sharding.shard_batch(batch, mesh)
+  start = time.perf_counter()
+  compiled = step_fn.lower(state, device_batch).compile()
+  compile_s = time.perf_counter() - start
+  state, metrics = compiled(state, device_batch)  # warm-up
+  jax.block_until_ready(metrics)
+  start = time.perf_counter()
+  for _ in range(steps):
+    state, metrics = compiled(state, device_batch)
+  jax.block_until_ready(metrics)
+  return {"compile_s": compile_s, "step_s": (time.perf_counter() - start) / steps,
+          "loss": float(metrics["loss"])}
+
+
+def bench_hf(config, batch: dict, steps: int) -> dict:
+  import torch  # pylint: disable=g-import-not-at-top
+  from transformers import (DeformableDetrConfig, DeformableDetrForObjectDetection,  # pylint: disable=g-import-not-at-top
+                            ResNetConfig)
+  m = config.model
+  layer_type, depths, sizes = _RESNET[m.backbone_depth]
+  backbone = ResNetConfig(layer_type=layer_type, depths=depths, hidden_sizes=sizes,
+                          embedding_size=64,
+                          out_features=["stage2", "stage3", "stage4"] if m.num_feature_levels > 1
+                          else ["stage4"])
+  hf_config = DeformableDetrConfig(
+      use_timm_backbone=False, use_pretrained_backbone=False, backbone=None,
+      backbone_config=backbone, d_model=m.hidden_dim, encoder_layers=m.enc_layers,
+      decoder_layers=m.dec_layers, encoder_attention_heads=m.nheads,
+      decoder_attention_heads=m.nheads, encoder_ffn_dim=m.dim_feedforward,
+      decoder_ffn_dim=m.dim_feedforward, num_queries=m.num_queries, num_labels=m.num_classes,
+      num_feature_levels=m.num_feature_levels, encoder_n_points=m.enc_n_points,
+      decoder_n_points=m.dec_n_points, with_box_refine=m.with_box_refine,
+      two_stage=m.two_stage, auxiliary_loss=m.aux_loss, dropout=m.dropout)
+  torch.manual_seed(0)
+  model = DeformableDetrForObjectDetection(hf_config).train()
+  optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr,
+                                weight_decay=config.optim.weight_decay)
+  pixel_values = torch.from_numpy(batch["images"].transpose(0, 3, 1, 2).copy())
+  pixel_mask = torch.from_numpy(~batch["padding_mask"]).long()
+  labels = [{"class_labels": torch.from_numpy(batch["labels"][i][batch["box_mask"][i]]).long(),
+             "boxes": torch.from_numpy(batch["boxes"][i][batch["box_mask"][i]])}
+            for i in range(len(batch["images"]))]
+
+  def step():
+    optimizer.zero_grad()
+    loss = model(pixel_values=pixel_values, pixel_mask=pixel_mask, labels=labels).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.clip_max_norm)
+    optimizer.step()
+    return float(loss.detach())
+
+  step()  # warm-up
+  start = time.perf_counter()
+  for _ in range(steps):
+    loss = step()
+  return {"step_s": (time.perf_counter() - start) / steps, "loss": loss}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--configs", default="tiny,full")
+  parser.add_argument("--batch", type=int, default=2)
+  parser.add_argument("--size", type=int, default=256)
+  parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--skip_hf", action="store_true")
+  args = parser.parse_args()
+  import jax  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  print(f"jax {jax.__version__} on {jax.devices()[0].platform}; torch {torch.__version__} "
+        f"with {torch.get_num_threads()} threads; batch {args.batch}, {args.size}x{args.size} px, "
+        f"{args.steps} timed steps")
+  print(f"{'config':8s} {'jax compile s':>14s} {'jax s/step':>11s} {'hf s/step':>10s} "
+        f"{'jax/hf':>7s}")
+  for name in args.configs.split(","):
+    config = _config(name)
+    batch = _batch(args.batch, args.size, config.model.num_classes)
+    jax_result = bench_jax(config, batch, args.steps)
+    hf_result = None if args.skip_hf else bench_hf(config, batch, args.steps)
+    ratio = jax_result["step_s"] / hf_result["step_s"] if hf_result else float("nan")
+    print(f"{name:8s} {jax_result['compile_s']:14.1f} {jax_result['step_s']:11.3f} "
+          f"{hf_result['step_s'] if hf_result else float('nan'):10.3f} {ratio:7.2f}")
+    print(json.dumps({"config": name, "batch": args.batch, "size": args.size, "jax": jax_result,
+                      "hf": hf_result, "jax_over_hf": ratio}))
+
+
+if __name__ == "__main__":
+  main()

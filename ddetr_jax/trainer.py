@@ -1,0 +1,449 @@
+"""The training loop: one jitted, sharded train step; checkpoints, monitoring and evaluation.
+
+`train_and_evaluate(config, workdir)` trains `build_model(config)` on config.data and evaluates
+it with COCO AP. Everything it writes is in `workdir`:
+  checkpoints/          orbax steps (checkpoint.py), resumed from automatically
+  metrics.jsonl         one JSON object a line: {"step", "kind": "train", "loss", "loss_ce", ...,
+                        "lr", "images_per_sec", "grad_norm"} every config.train.log_every steps
+                        and {"step", "kind": "eval", "AP", "AP50", ...} after each evaluation
+  tensorboard/          the same scalars as TensorBoard events ("train/loss", "eval/AP", ...)
+  training_curves.png   loss curve and eval AP/AP50 over steps
+  coco_metrics.json     the last evaluation (evaluator.py)
+
+The step (`make_train_step`): forward with dropout rng = fold_in(base rng, step), the set
+criterion with the in-graph matcher, grads, the optax update. Params, optimizer state, step and
+rng are replicated over the mesh's 'data' axis and donated; the batch is split over 'data'.
+Config fields used: model.* (the model), loss.* (criterion), optim.* (optimizer),
+train.global_batch_size, epochs, num_train_steps (-1: epochs * steps per epoch), seed,
+log_every, checkpoint_every, keep_checkpoints, eval_every (N > 0: every N steps and at the
+end; -1: only at the end; 0: never), init_checkpoint; data.*, eval.* (data pipeline, evaluator).
+
+Stops: a non-finite loss raises FloatingPointError naming the step and every loss term (nothing
+is saved after the last good checkpoint); SIGTERM (preemption) saves a checkpoint at the current
+step and returns {"step", "preempted": True} without evaluating.
+"""
+import json
+import logging
+import math
+import os
+import signal
+import socket
+import time
+from typing import Any, Callable, Mapping, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tqdm
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+
+from ddetr_jax import checkpoint as checkpoint_lib
+from ddetr_jax import data as data_lib
+from ddetr_jax import evaluator
+from ddetr_jax import losses
+from ddetr_jax import optim
+from ddetr_jax import sharding as sharding_lib
+from ddetr_jax.models import build_model
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a train step reads and writes.
+
+  Attributes:
+    step: int32 scalar, train steps done.
+    params: the model's 'params' pytree.
+    opt_state: the optax state.
+    rng: uint32 [2] base PRNG key; step s uses fold_in(rng, s).
+  """
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array
+
+
+def make_train_step(model, tx: optax.GradientTransformation, loss_config: Any,
+                    num_classes: int) -> Callable:
+  """(state, batch) -> (state, metrics), not yet jitted.
+
+  batch: `images` [B, H, W, 3], `padding_mask` [B, H, W], `boxes` [B, T, 4], `labels` [B, T],
+  `box_mask` [B, T] (the global batch). metrics: `loss` (weighted total), the unweighted terms of
+  `losses.set_criterion` (`loss_ce`, `loss_bbox`, `loss_giou`, `loss_ce_0`, ...), `grad_norm`
+  (global norm of the trainable gradients before clipping), `num_boxes`.
+  """
+  def train_step(state: TrainState, batch: Mapping[str, jax.Array]):
+    step_rng = jax.random.fold_in(state.rng, state.step)
+
+    def loss_fn(params):
+      outputs = model.apply({"params": params}, batch["images"], batch["padding_mask"],
+                            train=True, rngs={"dropout": step_rng})
+      return losses.set_criterion(outputs, batch, loss_config, num_classes)
+
+    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    trainable = jax.tree.map(lambda g, label: jnp.zeros_like(g) if label == "frozen" else g,
+                             grads, optim.param_labels(grads))
+    metrics = dict(terms, loss=loss, grad_norm=optax.global_norm(trainable),
+                   num_boxes=batch["box_mask"].sum())
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, metrics
+
+  return train_step
+
+
+def jit_train_step(train_step: Callable, mesh, state_shapes: TrainState) -> Callable:
+  """jax.jit with the state replicated and donated, the batch split over 'data'."""
+  replicated = sharding_lib.replicated(mesh)
+  state_sharding = jax.tree.map(lambda _: replicated, state_shapes)
+  batch_sharding = sharding_lib.batch_sharding(mesh)
+  return jax.jit(train_step, in_shardings=(state_sharding, batch_sharding),
+                 out_shardings=(state_sharding, replicated), donate_argnums=(0,))
+
+
+def _init_shapes(config) -> tuple:
+  """Image and mask shapes used to initialise the model (batch 1, the smallest bucket)."""
+  side = int(min(config.data.buckets))
+  return (1, side, side, 3), (1, side, side)
+
+
+def seed_rngs(seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """(init rng, base train rng), uint32 [2] each, from config.train.seed."""
+  init_rng, train_rng = np.asarray(jax.random.split(jax.random.PRNGKey(seed)))
+  return init_rng, train_rng
+
+
+def init_params(model, config, rng: jax.Array, mesh) -> Any:
+  """Freshly initialised params, replicated on the mesh."""
+  image_shape, mask_shape = _init_shapes(config)
+
+  def init(key):
+    return model.init(key, jnp.zeros(image_shape, jnp.float32), jnp.zeros(mask_shape, bool),
+                      train=False)["params"]
+
+  replicated = sharding_lib.replicated(mesh)
+  return jax.jit(init, in_shardings=replicated, out_shardings=replicated)(np.asarray(rng))
+
+
+def abstract_params(model, config) -> Any:
+  """The params tree as ShapeDtypeStructs (no computation)."""
+  image_shape, mask_shape = _init_shapes(config)
+  return jax.eval_shape(
+      lambda key: model.init(key, jnp.zeros(image_shape, jnp.float32),
+                             jnp.zeros(mask_shape, bool), train=False)["params"],
+      jax.random.PRNGKey(0))
+
+
+def load_init_checkpoint(path: str, config, params: Any) -> Any:
+  """Fine-tuning start: `params` with every leaf found in the checkpoint at `path` replaced.
+
+  Args:
+    path: an orbax params checkpoint (`evaluator.load_params` layouts; full model, or partial
+      such as {'backbone': ...} or a bare ResNet tree) or a PyTorch file (.pth/.pt/.bin, via
+      `ddetr_jax.convert.load_torch_params`).
+    config: the full config (for the torch conversion).
+    params: the freshly initialised params; leaves absent from the checkpoint keep these values.
+
+  Raises:
+    ValueError naming every checkpoint parameter that the model lacks or has with another shape.
+  """
+  if path.endswith((".pth", ".pt", ".bin")):
+    from ddetr_jax import convert  # pylint: disable=g-import-not-at-top
+    loaded = convert.load_torch_params(path, config)
+  else:
+    loaded = evaluator.load_params(path)
+  if "backbone" not in loaded and "conv1" in loaded:  # a bare backbone checkpoint.
+    loaded = {"backbone": loaded}
+  checkpoint_lib.check_tree_fits(params, loaded, f"train.init_checkpoint {path!r}",
+                                 allow_missing=True)
+  flat_loaded = {checkpoint_lib.param_path(p): v
+                 for p, v in jax.tree_util.tree_flatten_with_path(loaded)[0]}
+  count = [0, 0]
+
+  def pick(path, value):
+    key = checkpoint_lib.param_path(path)
+    if key in flat_loaded:
+      count[0] += 1
+      return jnp.asarray(flat_loaded[key], value.dtype)
+    count[1] += 1
+    return value
+
+  merged = jax.tree_util.tree_map_with_path(pick, params)
+  _announce(f"init_checkpoint {path}: loaded {count[0]} arrays, kept {count[1]} freshly "
+            f"initialised")
+  return merged
+
+
+class MetricWriter:
+  """metrics.jsonl, TensorBoard scalars and the training-curve PNG (process 0 only)."""
+
+  def __init__(self, workdir: str, enabled: bool):
+    self.enabled = enabled
+    self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
+    self.plot_path = os.path.join(workdir, "training_curves.png")
+    self.tensorboard_dir = os.path.join(workdir, "tensorboard")
+    self._events = None
+    if enabled:
+      # TensorBoard's own record writer on a plain file (EventFileWriter would import TensorFlow).
+      from tensorboard.summary.writer.record_writer import RecordWriter  # pylint: disable=g-import-not-at-top
+      os.makedirs(self.tensorboard_dir, exist_ok=True)
+      name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
+      self._events = RecordWriter(open(os.path.join(self.tensorboard_dir, name), "wb"))
+      self._add_event(file_version="brain.Event:2")
+
+  def _add_event(self, **fields) -> None:
+    from tensorboard.compat.proto import event_pb2  # pylint: disable=g-import-not-at-top
+    self._events.write(event_pb2.Event(wall_time=time.time(), **fields).SerializeToString())
+    self._events.flush()
+
+  def write(self, step: int, kind: str, scalars: Mapping[str, float]) -> None:
+    """Appends one row to metrics.jsonl and the scalars `{kind}/{name}` to TensorBoard."""
+    if not self.enabled:
+      return
+    from tensorboard.compat.proto import summary_pb2  # pylint: disable=g-import-not-at-top
+    row = {"step": int(step), "kind": kind}
+    row.update({k: float(v) for k, v in scalars.items()})
+    with open(self.jsonl_path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+    values = [summary_pb2.Summary.Value(tag=f"{kind}/{k}", simple_value=float(v))
+              for k, v in scalars.items()]
+    self._add_event(step=int(step), summary=summary_pb2.Summary(value=values))
+
+  def plot(self) -> None:
+    """Redraws training_curves.png from metrics.jsonl."""
+    if not self.enabled or not os.path.exists(self.jsonl_path):
+      return
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+    with open(self.jsonl_path) as f:
+      rows = [json.loads(line) for line in f if line.strip()]
+    # A resumed run repeats the steps after its checkpoint: the last row of a step wins.
+    train = sorted({r["step"]: r for r in rows if r["kind"] == "train"}.values(),
+                   key=lambda r: r["step"])
+    evals = sorted({r["step"]: r for r in rows if r["kind"] == "eval"}.values(),
+                   key=lambda r: r["step"])
+    fig, (ax_loss, ax_ap) = plt.subplots(1, 2, figsize=(11, 4))
+    if train:
+      ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="total (weighted)")
+      for term in ("loss_ce", "loss_bbox", "loss_giou"):
+        ax_loss.plot([r["step"] for r in train], [r[term] for r in train], label=term, lw=0.8)
+      ax_loss.set_yscale("log")
+      ax_loss.legend(fontsize=8)
+    ax_loss.set(xlabel="step", ylabel="loss", title="training loss")
+    if evals:
+      for name in ("AP", "AP50"):
+        ax_ap.plot([r["step"] for r in evals], [r[name] for r in evals], "o-", label=name)
+      ax_ap.legend(fontsize=8)
+    ax_ap.set(xlabel="step", ylabel="COCO bbox", title="evaluation", ylim=(0, 1))
+    fig.tight_layout()
+    fig.savefig(self.plot_path, dpi=100)
+    plt.close(fig)
+
+  def close(self) -> None:
+    if self._events is not None:
+      self._events.close()
+
+
+class _Preemption:
+  """Records SIGTERM; `requested(step)` is agreed by all processes (checked every `every` steps)."""
+
+  def __init__(self, every: int):
+    self.flag = False
+    self.every = max(1, every)
+    self._previous = None
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread: no signal handling.
+      self._previous = None
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM received: saving a checkpoint and stopping")
+    self.flag = True
+
+  def requested(self, step: int) -> bool:
+    if jax.process_count() == 1:
+      return self.flag
+    if step % self.every:
+      return False
+    flags = multihost_utils.process_allgather(np.array([self.flag]))
+    return bool(np.any(flags))
+
+  def restore(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _announce(message: str) -> None:
+  """A line for the user (printed above the progress bar by process 0) and the log."""
+  logging.info(message)
+  if jax.process_index() == 0:
+    tqdm.tqdm.write(message)
+
+
+def _steps_per_epoch(config) -> int:
+  source = data_lib.build_source(config.data, "train", num_classes=config.model.num_classes)
+  return max(1, len(source) // int(config.train.global_batch_size))
+
+
+def _format_terms(metrics: Mapping[str, float]) -> str:
+  return ", ".join(f"{k}={v:.6g}" for k, v in metrics.items())
+
+
+def train_and_evaluate(config, workdir: str, mesh: Optional[Mesh] = None) -> dict:
+  """Trains `build_model(config)` (resuming from workdir/checkpoints) and evaluates it.
+
+  Args:
+    config: a full config (configs/deformable_detr.py schema).
+    workdir: output directory (see the module doc).
+    mesh: the device mesh (axis 'data'); default all devices of all processes.
+
+  Returns:
+    the last evaluation's metrics (AP, AP50, ... from evaluator.evaluate) plus `step` and
+    `train_loss` (mean loss of the last logging window); {"step", "preempted": True} when stopped
+    by SIGTERM.
+  """
+  workdir = os.path.abspath(workdir)
+  is_main = jax.process_index() == 0
+  if is_main:
+    os.makedirs(workdir, exist_ok=True)
+  tc = config.train
+  mesh = sharding_lib.make_mesh() if mesh is None else mesh
+  global_batch = int(tc.global_batch_size)
+  sharding_lib.check_batch_divisible(global_batch, mesh, "train.global_batch_size")
+
+  steps_per_epoch = _steps_per_epoch(config)
+  num_steps = int(tc.num_train_steps) if tc.num_train_steps > 0 else int(tc.epochs) * steps_per_epoch
+  accum = int(config.optim.get("grad_accum_steps", 1) or 1)
+  lr_schedule = optim.learning_rate_schedule(config.optim.lr, config.optim.lr_drop,
+                                             max(1, steps_per_epoch // accum))
+  model = build_model(config)
+  params_shapes = abstract_params(model, config)
+  tx = optim.make_optimizer(config.optim, steps_per_epoch, params_shapes)
+  replicated = sharding_lib.replicated(mesh)
+
+  def with_sharding(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), tree)
+
+  opt_shapes = jax.eval_shape(tx.init, params_shapes)
+  manager = checkpoint_lib.CheckpointManager(os.path.join(workdir, "checkpoints"),
+                                             keep=int(tc.keep_checkpoints))
+  latest = manager.latest_step()
+  data_state = None
+  if latest is not None:
+    try:
+      restored = manager.restore(latest, with_sharding(params_shapes), with_sharding(opt_shapes))
+    except Exception:
+      manager.close()
+      raise
+    state = TrainState(step=np.asarray(latest, np.int32), params=restored["params"],
+                       opt_state=restored["opt_state"], rng=restored["rng"])
+    data_state = restored["data_state"] or None
+    _announce(f"resumed from {manager.directory} at step {latest}")
+  else:
+    init_rng, train_rng = seed_rngs(int(tc.seed))
+    params = init_params(model, config, init_rng, mesh)
+    if tc.init_checkpoint:
+      params = load_init_checkpoint(str(tc.init_checkpoint), config, params)
+    state = TrainState(step=np.asarray(0, np.int32), params=params,
+                       opt_state=jax.jit(tx.init, out_shardings=replicated)(params), rng=train_rng)
+  state = sharding_lib.replicate(state, mesh)
+  start_step = int(jax.device_get(state.step))
+
+  train_step = jit_train_step(
+      make_train_step(model, tx, config.loss, int(config.model.num_classes)), mesh, state)
+  writer = MetricWriter(workdir, enabled=is_main)
+  log_every = max(1, int(tc.log_every))
+  checkpoint_every = int(tc.checkpoint_every)
+  eval_every = int(tc.get("eval_every", -1))
+  preemption = _Preemption(log_every)
+  last_eval: dict = {}
+  window: dict = {}
+  window_loss = float("nan")
+  iterator = data_lib.make_train_iterator(config, mesh, start_state=data_state)
+  progress = tqdm.tqdm(total=num_steps, initial=start_step, desc="train", unit="step",
+                       disable=not is_main, dynamic_ncols=True)
+
+  def save(step: int):
+    manager.save(step, state.params, state.opt_state, state.rng, iterator.get_state())
+
+  def run_eval(step: int):
+    nonlocal last_eval
+    metrics = evaluator.evaluate(model, state.params, config, mesh=mesh, workdir=workdir,
+                                 step=step)
+    last_eval = dict(metrics)
+    writer.write(step, "eval", {k: v for k, v in metrics.items() if k != "step"})
+    writer.plot()
+
+  try:
+    pending = None  # (step number after the update, device metrics): checked one step late.
+    window_start, window_steps = time.time(), 0
+
+    def check(step_done: int, device_metrics) -> None:
+      nonlocal window, window_start, window_steps, window_loss
+      host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+      fetched = time.time()  # step `step_done` has finished.
+      if not all(math.isfinite(v) for v in host.values()):
+        raise FloatingPointError(
+            f"non-finite loss at step {step_done - 1} (the update to step {step_done}): "
+            f"{_format_terms(host)}; the last good checkpoint in {manager.directory} is step "
+            f"{manager.latest_step()}")
+      for k, v in host.items():
+        window[k] = window.get(k, 0.0) + v
+      window_steps += 1
+      if step_done % log_every == 0 or step_done == num_steps:
+        elapsed = max(fetched - window_start, 1e-9)
+        scalars = {k: v / window_steps for k, v in window.items()}
+        scalars["lr"] = float(lr_schedule((step_done - 1) // accum))
+        scalars["images_per_sec"] = window_steps * global_batch / elapsed
+        window_loss = scalars["loss"]
+        writer.write(step_done, "train", scalars)
+        progress.set_postfix(loss=f"{scalars['loss']:.4f}", lr=f"{scalars['lr']:.2e}",
+                             img_s=f"{scalars['images_per_sec']:.1f}", refresh=False)
+        window, window_steps, window_start = {}, 0, fetched
+
+    for step in range(start_step, num_steps):
+      batch = next(iterator)
+      state, metrics = train_step(state, {k: batch[k] for k in data_lib.DEVICE_KEYS})
+      if pending is not None:
+        check(*pending)
+      pending = (step + 1, metrics)
+      progress.update(1)
+      step_done = step + 1
+      stop = preemption.requested(step_done)
+      if stop or (checkpoint_every > 0 and step_done % checkpoint_every == 0) \
+          or step_done == num_steps:
+        check(*pending)
+        pending = None
+        save(step_done)
+      if stop:
+        manager.wait()
+        _announce(f"preempted: checkpoint saved at step {step_done} in {manager.directory}")
+        return {"step": step_done, "preempted": True}
+      if eval_every > 0 and step_done % eval_every == 0 and step_done != num_steps:
+        run_eval(step_done)
+    if pending is not None:
+      check(*pending)
+    progress.close()
+    manager.wait()
+    final_step = int(jax.device_get(state.step))
+    if manager.latest_step() != final_step:  # e.g. resumed at the end: nothing new trained.
+      save(final_step)
+      manager.wait()
+    writer.plot()
+    if eval_every != 0:
+      run_eval(final_step)
+    result = dict(last_eval)
+    result.update(step=final_step, train_loss=window_loss)
+    return result
+  finally:
+    progress.close()
+    preemption.restore()
+    manager.wait()
+    manager.close()
+    writer.close()
+    iterator.close()

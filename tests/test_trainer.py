@@ -1,0 +1,283 @@
+"""trainer.train_and_evaluate end to end with the real model on a cut-down tiny config.
+
+Independent references: the same run on 1 device vs 8 fake devices; an uninterrupted run vs one
+stopped by SIGTERM and then SIGKILL and restarted; freshly initialised params (frozen groups);
+TensorBoard event records parsed here from the file format; PNG signature.
+"""
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from ddetr_jax import data as data_lib
+from ddetr_jax import evaluator
+from ddetr_jax import optim
+from ddetr_jax import sharding
+from ddetr_jax import trainer
+from ddetr_jax.models import build_model
+from tests import train_worker
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = train_worker.NUM_STEPS
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache():
+  previous = jax.config.jax_compilation_cache_dir
+  train_worker.use_compilation_cache()
+  yield
+  jax.config.update("jax_compilation_cache_dir", previous)
+
+
+def _train_rows(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  return {r["step"]: r for r in rows if r["kind"] == "train"}, [r for r in rows if r["kind"] == "eval"]
+
+
+def _params(workdir, step):
+  return evaluator.load_params(os.path.join(workdir, "checkpoints", str(step)))
+
+
+def _flat(tree):
+  return {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
+          for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _event_scalars(directory):
+  """{tag: [(step, value)]} read from TFRecord-framed Event protos (the format, parsed here)."""
+  from tensorboard.compat.proto import event_pb2
+  scalars = {}
+  for name in os.listdir(directory):
+    with open(os.path.join(directory, name), "rb") as f:
+      data = f.read()
+    pos = 0
+    while pos < len(data):
+      (length,) = struct.unpack("<Q", data[pos:pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+      pos += 12 + length + 4
+      for value in event.summary.value:
+        scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+  return scalars
+
+
+@pytest.fixture(scope="module")
+def one_device_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("one_device"))
+  config = train_worker.small_config(eval_every=-1)
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  metrics = trainer.train_and_evaluate(config, workdir, mesh=mesh)
+  return workdir, metrics
+
+
+def test_one_device_run_writes_metrics_plot_events_checkpoints(one_device_run):
+  workdir, metrics = one_device_run
+  train, evals = _train_rows(workdir)
+  assert sorted(train) == list(range(1, STEPS + 1))
+  for row in train.values():
+    assert np.isfinite(row["loss"]) and row["loss"] > 0
+    assert row["lr"] == pytest.approx(2e-4)
+    assert row["images_per_sec"] > 0
+    # The weighted total is the sum of the logged terms with the official coefficients.
+    expected = sum(c * sum(row[f"{t}{s}"] for s in ("", "_0"))
+                   for t, c in (("loss_ce", 2.0), ("loss_bbox", 5.0), ("loss_giou", 2.0)))
+    assert row["loss"] == pytest.approx(expected, rel=1e-5)
+  assert [e["step"] for e in evals] == [STEPS]
+  with open(os.path.join(workdir, "coco_metrics.json")) as f:
+    coco = json.load(f)
+  assert coco["step"] == STEPS and set(evaluator.METRIC_NAMES) <= set(coco)
+  assert metrics["step"] == STEPS and metrics["AP"] == coco["AP"]
+  assert metrics["train_loss"] == pytest.approx(train[STEPS]["loss"])
+  with open(os.path.join(workdir, "training_curves.png"), "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  events = _event_scalars(os.path.join(workdir, "tensorboard"))
+  assert [s for s, _ in events["train/loss"]] == list(range(1, STEPS + 1))
+  np.testing.assert_allclose([v for _, v in events["train/loss"]],
+                             [train[s]["loss"] for s in range(1, STEPS + 1)], rtol=1e-6)
+  assert events["eval/AP"] == [(STEPS, pytest.approx(coco["AP"]))]
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4", "6"]
+
+
+def test_eight_devices_match_one_device(one_device_run, tmp_path):
+  workdir_1, _ = one_device_run
+  config = train_worker.small_config()
+  assert len(jax.devices()) == 8
+  trainer.train_and_evaluate(config, str(tmp_path), mesh=sharding.make_mesh())
+  train_1, _ = _train_rows(workdir_1)
+  train_8, _ = _train_rows(str(tmp_path))
+  for step in range(1, STEPS + 1):
+    for key in ("loss", "loss_ce", "loss_bbox", "loss_giou", "loss_ce_0"):
+      assert train_8[step][key] == pytest.approx(train_1[step][key], rel=2e-4, abs=1e-6), (step, key)
+  final_1, final_8 = _flat(_params(workdir_1, STEPS)), _flat(_params(str(tmp_path), STEPS))
+  assert final_1.keys() == final_8.keys()
+  for key in final_1:
+    np.testing.assert_allclose(final_8[key], final_1[key], rtol=1e-4, atol=2e-5, err_msg=key)
+
+
+def test_frozen_parameters_never_change(one_device_run):
+  workdir, _ = one_device_run
+  config = train_worker.small_config()
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  init = _flat(trainer.init_params(build_model(config), config,
+                                   trainer.seed_rngs(config.train.seed)[0], mesh))
+  final = _flat(_params(workdir, STEPS))
+  labels = _flat(optim.param_labels(jax.tree.map(lambda x: 0, _params(workdir, STEPS))))
+  frozen = [k for k in final if labels[k] == "frozen"]
+  trainable = [k for k in final if labels[k] != "frozen"]
+  assert any(k.startswith("backbone/layer1_0") for k in frozen) and any("bn" in k for k in frozen)
+  for key in frozen:
+    np.testing.assert_array_equal(final[key], init[key], err_msg=key)
+  changed = [k for k in trainable if not np.array_equal(final[k], init[k])]
+  assert len(changed) >= 0.9 * len(trainable), sorted(set(trainable) - set(changed))
+
+
+_PROCS = []
+
+
+@pytest.fixture(autouse=True)
+def _kill_leftover_workers():
+  yield
+  while _PROCS:
+    proc = _PROCS.pop()
+    if proc.poll() is None:
+      proc.kill()  # a failed test must not leave a paused worker behind.
+      proc.wait()
+
+
+def _worker(workdir, *extra):
+  """The worker on 1 device (the same program as `one_device_run`: compiled once, cached)."""
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "tests.train_worker", "--workdir", workdir, "--devices", "1",
+       *extra], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+      env=dict(os.environ, PYTHONPATH=REPO))
+  _PROCS.append(proc)
+  return proc
+
+
+def _wait_for(proc, word):
+  lines = []
+  for line in proc.stdout:
+    lines.append(line)
+    if word in line:  # tqdm (stderr, merged) writes \r-updates without newlines.
+      return
+  raise AssertionError(f"worker ended (rc {proc.wait()}) before {word}:\n" + "".join(lines[-40:]))
+
+
+def test_sigterm_checkpoint_then_sigkill_resume_is_exact(one_device_run, tmp_path):
+  """SIGTERM after step 2 -> checkpoint 3 and a clean exit; resume, SIGKILL after step 5 (last
+  checkpoint 4); resume to 6: the params equal the uninterrupted run's."""
+  reference, _ = one_device_run
+  workdir, go = str(tmp_path / "run"), str(tmp_path / "go")
+
+  proc = _worker(workdir, "--pause_at", "3", "--go_file", go)  # paused before step 3.
+  _wait_for(proc, "PAUSED")
+  proc.send_signal(signal.SIGTERM)
+  open(go, "w").close()
+  out = proc.communicate(timeout=300)[0]
+  assert proc.returncode == 0, out[-3000:]
+  assert '"preempted": true' in out and '"step": 3' in out
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "3"]
+  os.remove(go)
+
+  proc = _worker(workdir, "--pause_at", "3", "--go_file", go)  # steps 4, 5 run, then paused.
+  _wait_for(proc, "PAUSED")
+  proc.send_signal(signal.SIGKILL)
+  proc.communicate(timeout=60)
+  train, _ = _train_rows(workdir)
+  assert 4 in train and 6 not in train
+  # Checkpoint 4 may or may not have been committed when the kill came; either is a valid resume.
+  assert trainer.checkpoint_lib.CheckpointManager(
+      os.path.join(workdir, "checkpoints")).latest_step() in (3, 4)
+
+  proc = _worker(workdir)
+  out = proc.communicate(timeout=300)[0]
+  assert proc.returncode == 0, out[-3000:]
+  final, expected = _flat(_params(workdir, STEPS)), _flat(_params(reference, STEPS))
+  for key in expected:
+    np.testing.assert_array_equal(final[key], expected[key], err_msg=key)
+  train_ref, _ = _train_rows(reference)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    last = {}
+    for line in f:
+      row = json.loads(line)
+      last[row["step"]] = row["loss"]  # the redone step 5 overwrites the lost one.
+  assert [last[s] for s in range(1, STEPS + 1)] == [train_ref[s]["loss"] for s in range(1, STEPS + 1)]
+
+
+def test_non_finite_loss_stops_with_step_and_terms(monkeypatch, tmp_path):
+  make = data_lib.make_train_iterator
+
+  class Poisoned:
+
+    def __init__(self, inner):
+      self.inner, self.count = inner, 0
+
+    def __next__(self):
+      batch = next(self.inner)
+      self.count += 1
+      if self.count == 4:  # the batch of step index 3 (the update 3 -> 4).
+        batch = dict(batch, images=batch["images"] * np.nan)
+      return batch
+
+    def __getattr__(self, name):
+      return getattr(self.inner, name)
+
+  monkeypatch.setattr(data_lib, "make_train_iterator", lambda *a, **k: Poisoned(make(*a, **k)))
+  config = train_worker.small_config()
+  with pytest.raises(FloatingPointError) as error:
+    trainer.train_and_evaluate(config, str(tmp_path), mesh=sharding.make_mesh(jax.devices()[:1]))
+  message = str(error.value)
+  assert "non-finite loss at step 3" in message
+  assert "loss_ce=nan" in message and "loss_bbox=" in message and "loss_giou_0=" in message
+  assert "last good checkpoint" in message and "step 2" in message
+  assert sorted(os.listdir(os.path.join(tmp_path, "checkpoints"))) == ["2"]
+  for value in _flat(_params(str(tmp_path), 2)).values():
+    assert np.isfinite(value).all()
+
+
+def test_batch_not_divisible_by_devices_names_both_numbers(tmp_path):
+  config = train_worker.small_config()
+  config.train.global_batch_size = 6
+  with pytest.raises(ValueError, match=r"global_batch_size=6 .*number of devices 8"):
+    trainer.train_and_evaluate(config, str(tmp_path), mesh=sharding.make_mesh())
+
+
+def test_resume_into_a_config_it_does_not_fit_names_parameters(one_device_run, tmp_path):
+  workdir, _ = one_device_run
+  shutil.copytree(os.path.join(workdir, "checkpoints"), tmp_path / "checkpoints")
+  config = train_worker.small_config()
+  config.model.num_classes = 7
+  with pytest.raises(ValueError, match=r"class_embed/kernel checkpoint \(32, 5\) vs model \(32, 7\)"):
+    trainer.train_and_evaluate(config, str(tmp_path), mesh=sharding.make_mesh(jax.devices()[:1]))
+
+
+def test_init_checkpoint_loads_a_backbone_only_checkpoint_and_rejects_misfits(one_device_run,
+                                                                             tmp_path):
+  import orbax.checkpoint as ocp
+  workdir, _ = one_device_run
+  trained = _params(workdir, STEPS)
+  config = train_worker.small_config()
+  fresh = jax.tree.map(np.zeros_like, trained)
+  path = str(tmp_path / "backbone_only")
+  ocp.PyTreeCheckpointer().save(path, trained["backbone"])  # bare ResNet tree (no 'backbone' key)
+  merged = _flat(trainer.load_init_checkpoint(path, config, fresh))
+  expected = _flat(trained)
+  for key, value in merged.items():
+    if key.startswith("backbone/"):
+      np.testing.assert_array_equal(value, expected[key], err_msg=key)
+    else:
+      assert not value.any(), key  # kept from `fresh`
+  bad = dict(trained, class_embed=dict(trained["class_embed"],
+                                       kernel=np.zeros((32, 9), np.float32)))
+  bad_path = str(tmp_path / "bad")
+  ocp.PyTreeCheckpointer().save(bad_path, bad)
+  with pytest.raises(ValueError, match=r"init_checkpoint .*class_embed/kernel checkpoint "
+                                       r"\(32, 9\) vs model \(32, 5\)"):
+    trainer.load_init_checkpoint(bad_path, config, fresh)

@@ -1,0 +1,61 @@
+"""Trains and evaluates Deformable DETR: `python train.py` runs the embedded shapes demo.
+
+  python train.py                                   # configs/shapes.py in ./runs/shapes
+  python train.py --config configs/deformable_detr.py:box_refine --workdir DIR \\
+      --config.data.tfds_data_dir=...               # COCO 2017
+  python train.py --config configs/tiny.py --config.train.num_train_steps=10 --workdir /tmp/t
+
+A run resumes automatically from DIR/checkpoints. Multi-host (TPU pods, multi-node GPU): start the
+same command on every host with `--distributed` (jax.distributed.initialize() auto-detects TPU
+pods, SLURM and Open MPI) or with explicit --coordinator_address=HOST:PORT --num_processes=N
+--process_id=I; config.train.global_batch_size is the batch over all devices of all hosts.
+"""
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "shapes.py")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", _DEFAULT_CONFIG, "Config file (optionally `path.py:variant`).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", "./runs/shapes", "Where checkpoints, metrics and "
+                               "plots are written.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with "
+                                 "cluster auto-detection (TPU pods, SLURM, Open MPI).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 for "
+                                   "jax.distributed.initialize (multi-host without auto-detection).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (with "
+                                      "--coordinator_address).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (with "
+                                   "--coordinator_address).")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  import jax  # pylint: disable=g-import-not-at-top
+  if _COORDINATOR.value:
+    jax.distributed.initialize(_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+                               process_id=_PROCESS_ID.value)
+  elif _DISTRIBUTED.value:
+    jax.distributed.initialize()
+  from ddetr_jax import trainer  # pylint: disable=g-import-not-at-top
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; --verbosity=0 shows it.
+  workdir = os.path.abspath(_WORKDIR.value)
+  metrics = trainer.train_and_evaluate(_CONFIG.value, workdir)
+  if jax.process_index() == 0:
+    print(f"\nfinished at step {metrics.get('step')}"
+          + (" (preempted: run the same command to resume)" if metrics.get("preempted") else ""))
+    if "AP" in metrics:
+      print(f"COCO AP {metrics['AP']:.4f}  AP50 {metrics['AP50']:.4f}  AP75 {metrics['AP75']:.4f}")
+    print(f"plot:        {os.path.join(workdir, 'training_curves.png')}")
+    print(f"metrics:     {os.path.join(workdir, 'metrics.jsonl')} (train), "
+          f"{os.path.join(workdir, 'coco_metrics.json')} (COCO eval)")
+    print(f"tensorboard: tensorboard --logdir {os.path.join(workdir, 'tensorboard')}")
+    print(f"checkpoints: {os.path.join(workdir, 'checkpoints')}")
+
+
+if __name__ == "__main__":
+  app.run(main)
