@@ -85,3 +85,22 @@ def collate(records: list[dict], buckets, max_boxes: int) -> dict:
       "valid": np.array([bool(r.get("valid", True)) for r in records], bool),
       "num_truncated_boxes": num_truncated,
   }
+
+
+def pad_to_side(batch: dict, side: int) -> dict:
+  """Pads a collated batch's `images` (zeros) and `padding_mask` (True) to (side, side).
+
+  Boxes are normalised by each image's unpadded size, so nothing else changes. Used when
+  several processes must agree on one bucket for a global batch.
+  """
+  current = batch["images"].shape[1]
+  if side < current:
+    raise ValueError(f"cannot pad a batch of side {current} down to {side}")
+  if side == current:
+    return batch
+  extra = side - current
+  out = dict(batch)
+  out["images"] = np.pad(batch["images"], ((0, 0), (0, extra), (0, extra), (0, 0)))
+  out["padding_mask"] = np.pad(batch["padding_mask"], ((0, 0), (0, extra), (0, extra)),
+                               constant_values=True)
+  return out

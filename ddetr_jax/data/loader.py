@@ -21,6 +21,7 @@ from typing import Any, Iterator
 import grain
 import jax
 from absl import flags
+from jax.experimental import multihost_utils
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -129,7 +130,12 @@ def _check_mesh(mesh: Mesh | None, global_batch_size: int, what: str):
 
 
 class _Globalize:
-  """Turns a numpy batch into global jax arrays on `mesh` (device keys only)."""
+  """Turns a numpy batch into global jax arrays on `mesh` (device keys only).
+
+  With several processes, each collates its own images and may pick a smaller bucket than
+  another; the processes agree on the largest (a tiny host all-gather) and pad up to it, so the
+  global batch has one shape.
+  """
 
   def __init__(self, mesh: Mesh | None):
     self.sharding = None if mesh is None else NamedSharding(mesh, PartitionSpec("data"))
@@ -137,6 +143,9 @@ class _Globalize:
   def __call__(self, batch: dict) -> dict:
     if self.sharding is None:
       return batch
+    if jax.process_count() > 1:
+      sides = multihost_utils.process_allgather(np.int32(batch["images"].shape[1]))
+      batch = batching.pad_to_side(batch, int(np.max(sides)))
     out = dict(batch)
     for key in batching.DEVICE_KEYS:
       out[key] = jax.make_array_from_process_local_data(self.sharding, batch[key])
