@@ -95,7 +95,7 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
   config.train = ml_collections.ConfigDict(dict(
       global_batch_size=32, epochs=50, num_train_steps=-1,  # -1: derived from epochs.
       seed=42, log_every=50, checkpoint_every=5000, keep_checkpoints=3,
-      eval_every=-1,               # steps; -1: only at the end.
+      eval_every=-1,               # steps; -1: only at the end; 0: never.
       init_checkpoint="",          # orbax dir or torch checkpoint to fine-tune from.
   ))
   config.eval = ml_collections.ConfigDict(dict(
