@@ -35,3 +35,17 @@ def random_problem(rng: np.random.Generator, shapes, b=2, q=13, m=2, d=8, p=4,
   loc = rng.uniform(*spread, size=(b, q, m, len(shapes), p, 2)).astype(dtype)
   attn = rng.uniform(size=(b, q, m, len(shapes), p)).astype(dtype)
   return value, loc, attn
+
+
+GRAD_NAMES = ("value", "sampling_locations", "attention_weights")
+
+
+def assert_matches_torch_and_xla(got_out, got_grads, want_out, want_grads, xla_out, xla_grads):
+  """float64 checks shared by the alternative impls: torch to 1e-10 (output) / 1e-9 relative
+  (gradients), the XLA path to 1e-12."""
+  np.testing.assert_allclose(got_out, want_out, rtol=0, atol=1e-10)
+  np.testing.assert_allclose(got_out, xla_out, rtol=0, atol=1e-12)
+  for name, g, w, x in zip(GRAD_NAMES, got_grads, want_grads, xla_grads):
+    np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-9 * max(1.0, np.abs(w).max()),
+                               err_msg=name)
+    np.testing.assert_allclose(g, x, rtol=1e-10, atol=1e-12, err_msg=name)

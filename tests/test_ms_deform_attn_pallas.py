@@ -12,6 +12,7 @@ from ddetr_jax.ops import ms_deform_attn as msda_module
 from ddetr_jax.ops import ms_deform_attn_pallas as pallas_module
 from ddetr_jax.ops.ms_deform_attn import ms_deform_attn
 from ddetr_jax.ops.ms_deform_attn_pallas import ms_deform_attn_pallas
+from tests import msda_reference
 from tests.msda_reference import ms_deform_attn_torch, random_problem
 
 CASES = [  # (seed, spatial_shapes, D, P, Q, M); block_q=8, so Q is never a multiple of it
@@ -47,13 +48,8 @@ def test_forward_and_gradients_match_torch_and_xla_float64(seed, shapes, d, p, q
     xla_out, xla_grads = _jax(
         lambda v, l, a: ms_deform_attn(v, shapes, l, a), value, loc, attn, cot)
   assert got_out.dtype == np.float64
-  np.testing.assert_allclose(got_out, want_out, rtol=0, atol=1e-10)
-  np.testing.assert_allclose(got_out, xla_out, rtol=0, atol=1e-12)
-  for name, g, w, x in zip(("value", "sampling_locations", "attention_weights"),
-                           got_grads, want_grads, xla_grads):
-    np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-9 * max(1.0, np.abs(w).max()),
-                               err_msg=name)
-    np.testing.assert_allclose(g, x, rtol=1e-10, atol=1e-12, err_msg=name)
+  msda_reference.assert_matches_torch_and_xla(got_out, got_grads, want_out, want_grads,
+                                              xla_out, xla_grads)
 
 
 def test_value_gradient_sums_every_duplicate():
