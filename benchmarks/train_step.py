@@ -123,16 +123,19 @@ def main():
   parser.add_argument("--size", type=int, default=256)
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--skip_hf", action="store_true")
+  parser.add_argument("--matcher", default="hungarian",
+                      help="JAX matcher: hungarian (in-graph) or scipy (host, like HF's)")
   args = parser.parse_args()
   import jax  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}; torch {torch.__version__} "
         f"with {torch.get_num_threads()} threads; batch {args.batch}, {args.size}x{args.size} px, "
-        f"{args.steps} timed steps")
+        f"{args.steps} timed steps; JAX matcher {args.matcher}")
   print(f"{'config':8s} {'jax compile s':>14s} {'jax s/step':>11s} {'hf s/step':>10s} "
         f"{'jax/hf':>7s}")
   for name in args.configs.split(","):
     config = _config(name)
+    config.loss.matcher = args.matcher
     batch = _batch(args.batch, args.size, config.model.num_classes)
     jax_result = bench_jax(config, batch, args.steps)
     hf_result = None if args.skip_hf else bench_hf(config, batch, args.steps)
