@@ -47,7 +47,7 @@ def test_two_processes_two_devices_each_match_one_device(tmp_path):
   procs = [subprocess.Popen(
       [sys.executable, "-m", "tests.train_worker", "--workdir", workdir,
        "--coordinator", f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", str(i),
-       "--result", str(tmp_path / f"result_{i}.json")],
+       "--result", str(tmp_path / f"result_{i}.json"), "--eval_every", "-1"],
       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
            for i in range(2)]
 
@@ -56,7 +56,7 @@ def test_two_processes_two_devices_each_match_one_device(tmp_path):
   try:
     # Meanwhile, the 1-device reference in this process.
     reference = str(tmp_path / "single")
-    trainer.train_and_evaluate(train_worker.small_config(), reference,
+    trainer.train_and_evaluate(train_worker.small_config(eval_every=-1), reference,
                                mesh=sharding.make_mesh(jax.devices()[:1]))
     outputs = [p.communicate(timeout=480)[0] for p in procs]
   finally:
@@ -83,6 +83,21 @@ def test_two_processes_two_devices_each_match_one_device(tmp_path):
   for key in final_single:
     np.testing.assert_allclose(final_multi[key], final_single[key], rtol=1e-4, atol=2e-5,
                                err_msg=key)
+  # Evaluation on the 2-process mesh: every validation image once, gathered on process 0, the
+  # same detections and metrics as on one device.
+  def detections(directory):
+    with open(os.path.join(directory, "coco_results.json")) as f:
+      return sorted((d["image_id"], d["category_id"], round(d["score"], 4)) for d in json.load(f))
+  det_multi, det_single = detections(workdir), detections(reference)
+  assert len(det_multi) == len(det_single) > 0
+  assert {d[0] for d in det_multi} == {d[0] for d in det_single}
+  np.testing.assert_allclose([d[2] for d in det_multi], [d[2] for d in det_single], atol=2e-3)
+  with open(os.path.join(workdir, "coco_metrics.json")) as f:
+    metrics_multi = json.load(f)
+  with open(os.path.join(reference, "coco_metrics.json")) as f:
+    metrics_single = json.load(f)
+  for name in ("AP", "AP50", "AR100"):
+    assert metrics_multi[name] == pytest.approx(metrics_single[name], abs=1e-3), name
   # Each process saved its own data-iterator state.
   step_dir = os.path.join(workdir, "checkpoints", str(STEPS), "data_state")
   assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(os.listdir(step_dir))

@@ -90,6 +90,7 @@ def main():
   parser.add_argument("--num_processes", type=int, default=1)
   parser.add_argument("--process_id", type=int, default=0)
   parser.add_argument("--result", default="")
+  parser.add_argument("--eval_every", type=int, default=0, help="config.train.eval_every")
   args = parser.parse_args()
 
   import jax  # pylint: disable=g-import-not-at-top
@@ -102,7 +103,8 @@ def main():
   if args.pause_at:
     _pause_iterators(args.pause_at, args.go_file)
   mesh = sharding.make_mesh(jax.devices()[:args.devices] if args.devices else None)
-  result = trainer.train_and_evaluate(small_config(), args.workdir, mesh=mesh)
+  result = trainer.train_and_evaluate(small_config(eval_every=args.eval_every), args.workdir,
+                                      mesh=mesh)
   result.update(process_count=jax.process_count(), mesh_devices=int(mesh.devices.size))
   if args.result and jax.process_index() == 0:
     with open(args.result, "w") as f:
