@@ -12,7 +12,8 @@ that falls outside the map contributes zero. This is the same function as the of
 
 Implementation ("xla"): for every level (a short Python loop; levels have different static
 shapes) and each of the four bilinear corners, one batched row gather
-`value_l[b, m, y * W + x, :]` fetches (B, Q, M, P, D) rows, which are immediately reduced over P
+`value_l[b, (y * W + x) * M + m, :]` fetches (B, Q, M, P, D) rows (the level's slice of `value`
+reshaped to (B, H*W*M, D): value's own layout, no transpose), which are immediately reduced over P
 with the combined weight `attention * bilinear * in_bounds` into a (B, Q, M, D) float32
 accumulator. The gather keeps batch as a gather batch dimension (`vmap` over B), so an array
 sharded along batch stays sharded: no device ever needs another device's value map.
@@ -176,7 +177,7 @@ def _scatter_rows(idx: jax.Array, rows: jax.Array, size: int) -> jax.Array:
 
 
 def _split_levels(value: jax.Array, spatial_shapes: SpatialShapes) -> list[jax.Array]:
-  """value (B, S, M, D) -> per level (B, M*H*W, D), head-major rows."""
+  """value (B, S, M, D) -> per level (B, M*H*W, D), head-major rows (the packed layout's input)."""
   b, _, m, d = value.shape
   starts = level_start_index(spatial_shapes)
   return [jnp.swapaxes(value[:, s:s + h * w], 1, 2).reshape(b, m * h * w, d)
@@ -185,6 +186,20 @@ def _split_levels(value: jax.Array, spatial_shapes: SpatialShapes) -> list[jax.A
 
 def _head_offsets(m: int, hw: int) -> jax.Array:
   return (jnp.arange(m, dtype=jnp.int32) * hw)[None, None, :, None]  # [1, 1, M, 1]
+
+
+def _pixel_major_levels(value: jax.Array, spatial_shapes: SpatialShapes) -> list[jax.Array]:
+  """value (B, S, M, D) -> per level (B, H*W*M, D), row = pixel * M + head: a free reshape of
+  value's own layout (no transpose)."""
+  b, _, m, d = value.shape
+  starts = level_start_index(spatial_shapes)
+  return [value[:, s:s + h * w].reshape(b, h * w * m, d)
+          for s, (h, w) in zip(starts, spatial_shapes)]
+
+
+def _pixel_major_rows(idx: jax.Array, m: int) -> jax.Array:
+  """Pixel index (B, q, M, P) -> row of `_pixel_major_levels`."""
+  return idx * m + jnp.arange(m, dtype=jnp.int32)[None, None, :, None]
 
 
 def _pack_level(value_l: jax.Array, h: int, w: int) -> jax.Array:
@@ -229,10 +244,11 @@ def _packed_corners(loc: jax.Array, h: int, w: int):
 
 
 def _prepare_levels(value: jax.Array, spatial_shapes: SpatialShapes, packed: bool):
-  levels = _split_levels(value, spatial_shapes)
+  """Per level value rows: packed (B, M*(H+1)*(W+1), 4D), else pixel-major (B, HW*M, D)."""
   if packed:
-    levels = [_pack_level(v, h, w) for v, (h, w) in zip(levels, spatial_shapes)]
-  return levels
+    return [_pack_level(v, h, w)
+            for v, (h, w) in zip(_split_levels(value, spatial_shapes), spatial_shapes)]
+  return _pixel_major_levels(value, spatial_shapes)
 
 
 def _forward_chunk_packed(levels, spatial_shapes, loc, attn):
@@ -268,15 +284,14 @@ def _backward_chunk_packed(levels, spatial_shapes, loc, attn, g):
 
 
 def _forward_chunk(levels, spatial_shapes, loc, attn):
-  """levels: per level (B, M*HW, D); loc (B, q, M, L, P, 2); attn (B, q, M, L, P) -> (B, q, M, D)."""
+  """levels: per level (B, HW*M, D); loc (B, q, M, L, P, 2); attn (B, q, M, L, P) -> (B, q, M, D)."""
   b, q, m = loc.shape[:3]
   d = levels[0].shape[-1]
   acc = jnp.zeros((b, q, m, d), loc.dtype)
   for lvl, (value_l, (h, w)) in enumerate(zip(levels, spatial_shapes)):
     a_l = attn[:, :, :, lvl]  # [B, q, M, P]
-    offs = _head_offsets(m, h * w)
     for idx, wgt, _, _ in _corners(loc[:, :, :, lvl], h, w):
-      rows = _gather_rows(value_l, idx + offs).astype(loc.dtype)  # [B, q, M, P, D]
+      rows = _gather_rows(value_l, _pixel_major_rows(idx, m)).astype(loc.dtype)  # [B, q, M, P, D]
       acc = acc + jnp.einsum("bqmp,bqmpd->bqmd", a_l * wgt, rows)
   return acc
 
@@ -284,25 +299,25 @@ def _forward_chunk(levels, spatial_shapes, loc, attn):
 def _backward_chunk(levels, spatial_shapes, loc, attn, g):
   """Gradients of one query chunk; g (B, q, M, D).
 
-  Returns (per level (B, M*HW, D) value gradients, (B, q, M, L, P, 2), (B, q, M, L, P)).
+  Returns (per level (B, HW*M, D) value gradients, (B, q, M, L, P, 2), (B, q, M, L, P)).
   """
   m = loc.shape[2]
   grad_levels, grad_locs, grad_attns = [], [], []
   for lvl, (value_l, (h, w)) in enumerate(zip(levels, spatial_shapes)):
     a_l = attn[:, :, :, lvl]  # [B, q, M, P]
-    offs = _head_offsets(m, h * w)
     grad_a = jnp.zeros_like(a_l)
     grad_x = jnp.zeros_like(a_l)
     grad_y = jnp.zeros_like(a_l)
     grad_v = jnp.zeros(value_l.shape, loc.dtype)
     for idx, wgt, dwx, dwy in _corners(loc[:, :, :, lvl], h, w):
-      rows = _gather_rows(value_l, idx + offs).astype(loc.dtype)  # [B, q, M, P, D]
+      idx = _pixel_major_rows(idx, m)
+      rows = _gather_rows(value_l, idx).astype(loc.dtype)  # [B, q, M, P, D]
       g_dot_v = jnp.einsum("bqmd,bqmpd->bqmp", g, rows)              # [B, q, M, P]
       grad_a = grad_a + wgt * g_dot_v
       grad_x = grad_x + dwx * g_dot_v
       grad_y = grad_y + dwy * g_dot_v
       contrib = (a_l * wgt)[..., None] * g[:, :, :, None, :]         # [B, q, M, P, D]
-      grad_v = grad_v + _scatter_rows(idx + offs, contrib, value_l.shape[1])
+      grad_v = grad_v + _scatter_rows(idx, contrib, value_l.shape[1])
     grad_attns.append(grad_a)
     # d x / d loc_x = W and d y / d loc_y = H. A clipped coordinate has no in-bounds corner,
     # so its weight derivatives are zero already.
@@ -378,10 +393,11 @@ def _bwd(spatial_shapes, packed, residuals, g):
         step, init, tuple(_chunked(x, QUERY_CHUNK) for x in (loc, attn, g)))
     grad_loc, grad_attn = _unchunked(gloc, q), _unchunked(gattn, q)
   if packed:
-    grad_levels = [_unpack_level_grad(gp, h, w) for gp, (h, w) in zip(grad_levels, spatial_shapes)]
-  grad_value = jnp.concatenate(
-      [jnp.swapaxes(gv.reshape(b, m, h * w, d), 1, 2)
-       for gv, (h, w) in zip(grad_levels, spatial_shapes)], axis=1)
+    grad_levels = [jnp.swapaxes(_unpack_level_grad(gp, h, w).reshape(b, m, h * w, d), 1, 2)
+                   for gp, (h, w) in zip(grad_levels, spatial_shapes)]
+  else:
+    grad_levels = [gv.reshape(b, h * w, m, d) for gv, (h, w) in zip(grad_levels, spatial_shapes)]
+  grad_value = jnp.concatenate(grad_levels, axis=1)  # [B, S, M, D]
   return (grad_value.astype(value.dtype), grad_loc.astype(sampling_locations.dtype),
           grad_attn.astype(attention_weights.dtype))
 
