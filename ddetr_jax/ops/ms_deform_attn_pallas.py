@@ -70,18 +70,24 @@ def _scale(x: jax.Array) -> jax.Array:
   return x[:, None]
 
 
-def _forward_kernel(value_ref, loc_ref, attn_ref, out_ref, *, spatial_shapes, num_points, ct):
-  """value_ref (S, Dp), loc_ref (2, L*P, BQ), attn_ref (L*P, BQ) -> out_ref (BQ, Dp)."""
-  acc = jnp.zeros(out_ref.shape, ct)                                    # [BQ, Dp]
+def _level_points(loc_ref, attn_ref, spatial_shapes, num_points: int, ct):
+  """Yields, for every (level, point) of the tile (unrolled at trace time),
+  (H, W, level start row, row lp = level * P + point, loc_x [BQ], loc_y [BQ], attention [BQ])."""
   for lvl, ((h, w), start) in enumerate(zip(spatial_shapes, level_start_index(spatial_shapes))):
     for p in range(num_points):
       lp = lvl * num_points + p
-      loc_x = loc_ref[0, lp, :].astype(ct)                              # [BQ]
-      loc_y = loc_ref[1, lp, :].astype(ct)
-      a = attn_ref[lp, :].astype(ct)
-      for idx, wgt, _, _ in corners_xy(loc_x, loc_y, h, w):
-        rows = value_ref[idx + start, :].astype(ct)                     # [BQ, Dp] gather
-        acc = acc + _scale(a * wgt) * rows
+      yield (h, w, start, lp, loc_ref[0, lp, :].astype(ct), loc_ref[1, lp, :].astype(ct),
+             attn_ref[lp, :].astype(ct))
+
+
+def _forward_kernel(value_ref, loc_ref, attn_ref, out_ref, *, spatial_shapes, num_points, ct):
+  """value_ref (S, Dp), loc_ref (2, L*P, BQ), attn_ref (L*P, BQ) -> out_ref (BQ, Dp)."""
+  acc = jnp.zeros(out_ref.shape, ct)                                    # [BQ, Dp]
+  for h, w, start, _, loc_x, loc_y, a in _level_points(loc_ref, attn_ref, spatial_shapes,
+                                                       num_points, ct):
+    for idx, wgt, _, _ in corners_xy(loc_x, loc_y, h, w):
+      rows = value_ref[idx + start, :].astype(ct)                       # [BQ, Dp] gather
+      acc = acc + _scale(a * wgt) * rows
   out_ref[...] = acc.astype(out_ref.dtype)
 
 
@@ -99,25 +105,21 @@ def _backward_kernel(value_ref, loc_ref, attn_ref, g_ref, _, grad_value_ref, gra
   """g_ref (BQ, Dp); grad_value_ref (S, Dp) accumulated in place (aliased zeros);
   grad_loc_ref (2, L*P, BQ) and grad_attn_ref (L*P, BQ) written per tile."""
   g = g_ref[...].astype(ct)                                             # [BQ, Dp]
-  for lvl, ((h, w), start) in enumerate(zip(spatial_shapes, level_start_index(spatial_shapes))):
-    for p in range(num_points):
-      lp = lvl * num_points + p
-      loc_x = loc_ref[0, lp, :].astype(ct)                              # [BQ]
-      loc_y = loc_ref[1, lp, :].astype(ct)
-      a = attn_ref[lp, :].astype(ct)
-      grad_a = jnp.zeros_like(a)
-      grad_x = jnp.zeros_like(a)
-      grad_y = jnp.zeros_like(a)
-      for idx, wgt, dwx, dwy in corners_xy(loc_x, loc_y, h, w):
-        rows = value_ref[idx + start, :].astype(ct)                     # [BQ, Dp] gather
-        g_dot_v = jnp.sum(g * rows, axis=1)                             # [BQ]
-        grad_a = grad_a + wgt * g_dot_v
-        grad_x = grad_x + dwx * g_dot_v
-        grad_y = grad_y + dwy * g_dot_v
-        _scatter_add_rows(grad_value_ref, idx + start, _scale(a * wgt) * g, interpret)
-      grad_attn_ref[lp, :] = grad_a.astype(grad_attn_ref.dtype)
-      grad_loc_ref[0, lp, :] = (grad_x * a * w).astype(grad_loc_ref.dtype)
-      grad_loc_ref[1, lp, :] = (grad_y * a * h).astype(grad_loc_ref.dtype)
+  for h, w, start, lp, loc_x, loc_y, a in _level_points(loc_ref, attn_ref, spatial_shapes,
+                                                        num_points, ct):
+    grad_a = jnp.zeros_like(a)
+    grad_x = jnp.zeros_like(a)
+    grad_y = jnp.zeros_like(a)
+    for idx, wgt, dwx, dwy in corners_xy(loc_x, loc_y, h, w):
+      rows = value_ref[idx + start, :].astype(ct)                       # [BQ, Dp] gather
+      g_dot_v = jnp.sum(g * rows, axis=1)                               # [BQ]
+      grad_a = grad_a + wgt * g_dot_v
+      grad_x = grad_x + dwx * g_dot_v
+      grad_y = grad_y + dwy * g_dot_v
+      _scatter_add_rows(grad_value_ref, idx + start, _scale(a * wgt) * g, interpret)
+    grad_attn_ref[lp, :] = grad_a.astype(grad_attn_ref.dtype)
+    grad_loc_ref[0, lp, :] = (grad_x * a * w).astype(grad_loc_ref.dtype)
+    grad_loc_ref[1, lp, :] = (grad_y * a * h).astype(grad_loc_ref.dtype)
 
 
 def _layout(value, sampling_locations, attention_weights, block_q):
