@@ -7,6 +7,8 @@ WORKDIR/coco_metrics.json and WORKDIR/coco_results.json):
 Predictions (annotated images, sampling-point pictures, detections.json) on any images:
   python eval.py --config ... --checkpoint DIR --predict 'photos/*.jpg' --out OUT
   python eval.py --config configs/shapes.py --checkpoint W/checkpoints --predict_val 4 --out OUT
+`--predict_val N` takes the first N validation images; with data.source='tfds' (no image files)
+they are first copied, still encoded, to OUT/validation_images/.
 `--checkpoint` is an orbax directory: a training CheckpointManager root (latest step), one of its
 step folders, or a converted checkpoint (`python -m ddetr_jax.convert`).
 """
@@ -63,10 +65,11 @@ def main(argv):
     params = convert.load_torch_params(FLAGS.torch_checkpoint, config)
 
   if FLAGS.predict or FLAGS.predict_val:
-    patterns = FLAGS.predict or predict.validation_images(config, FLAGS.predict_val)
     out_dir = FLAGS.out or os.path.join(FLAGS.workdir, "predictions")
     if jax.process_index() != 0:
       return  # predictions run on one process.
+    patterns = FLAGS.predict or predict.validation_images(
+        config, FLAGS.predict_val, export_dir=os.path.join(out_dir, "validation_images"))
     summary = predict.predict_files(model, params, config, patterns, out_dir,
                                     threshold=FLAGS.threshold, num_attention=FLAGS.num_attention)
     print(f"wrote {len(summary['images'])} annotated images, their sampling-point pictures and "
@@ -79,6 +82,7 @@ def main(argv):
   if jax.process_index() == 0:
     for name in evaluator.METRIC_NAMES:
       print(f"{name:>6s} {metrics[name]:.4f}")
+    print(f"evaluated {metrics['num_images']} images")
     print(f"wrote {os.path.join(os.path.abspath(FLAGS.workdir), 'coco_metrics.json')}")
 
 

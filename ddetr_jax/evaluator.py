@@ -5,7 +5,8 @@ keeps the official top-100 detections per image, maps label ids back to the data
 ids, and writes
   WORKDIR/coco_results.json  the detections in COCO results format (image_id, category_id,
                              bbox [x, y, w, h] in original pixels, score)
-  WORKDIR/coco_metrics.json  the 12 COCOeval numbers under METRIC_NAMES, plus `step`.
+  WORKDIR/coco_metrics.json  the 12 COCOeval numbers under METRIC_NAMES, plus `num_images`
+                             (images evaluated) and `step`.
 The pure part, `coco_metrics(gt_coco, detections)`, needs no model.
 """
 import contextlib
@@ -141,7 +142,8 @@ def evaluate(model, params, config, mesh: Optional[Mesh] = None, workdir: Option
     step: training step recorded in coco_metrics.json.
     split: 'val' (or 'train').
   Returns:
-    {metric name: value} for METRIC_NAMES, plus 'step' if given.
+    {metric name: value} for METRIC_NAMES, 'num_images' (the images evaluated: the split's
+    records minus undecodable ones), plus 'step' if given.
   """
   batches = data_lib.make_eval_batches(config, split, mesh)
   categories = data_lib.categories(config.data)
@@ -187,6 +189,7 @@ def evaluate(model, params, config, mesh: Optional[Mesh] = None, workdir: Option
     raise RuntimeError(f"the ground truth has {len(gt_coco.getImgIds())} images but the "
                        f"{split!r} split has {batches.num_records} records")
   metrics = coco_metrics(gt_coco, detections, verbose=True)
+  metrics["num_images"] = len(image_ids)
   if step is not None:
     metrics["step"] = int(step)
   if workdir and jax.process_index() == 0:
@@ -195,8 +198,9 @@ def evaluate(model, params, config, mesh: Optional[Mesh] = None, workdir: Option
       json.dump(detections, f)
     with open(os.path.join(workdir, "coco_metrics.json"), "w") as f:
       json.dump(metrics, f, indent=2)
-  logging.info("COCO metrics%s: %s", "" if step is None else f" at step {step}",
-               " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "step"))
+  logging.info("COCO metrics on %d images%s: %s", len(image_ids),
+               "" if step is None else f" at step {step}",
+               " ".join(f"{k}={metrics[k]:.4f}" for k in METRIC_NAMES))
   return metrics
 
 

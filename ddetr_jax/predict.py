@@ -83,15 +83,43 @@ def expand_patterns(patterns: Sequence[str]) -> list[str]:
   return files
 
 
-def validation_images(config, count: int) -> list[str]:
-  """Paths of the first `count` validation images (by image id) of a coco_folder/shapes source."""
-  if config.data.source not in ("coco_folder", "shapes"):
-    raise ValueError(f"validation image files need data.source 'coco_folder' or 'shapes', got "
-                     f"{config.data.source!r}; pass image files instead")
+def validation_images(config, count: int, export_dir: Optional[str] = None) -> list[str]:
+  """Paths of the first `count` validation images of `config.data`.
+
+  coco_folder/shapes: the image files, by image id. tfds (no files): the first `count` records
+  of `data.val_split` in the split's order, their encoded images written unchanged to
+  `export_dir` as <file_name> (or <image_id>.jpg); `export_dir` is required there.
+  """
   from ddetr_jax.data import coco_folder, sources  # pylint: disable=g-import-not-at-top
+  if config.data.source == "tfds":
+    if not export_dir:
+      raise ValueError("validation images of data.source='tfds' are read from TFDS records and "
+                       "need an export_dir to be written to")
+    return _export_tfds_images(config.data, count, export_dir)
+  if config.data.source not in ("coco_folder", "shapes"):
+    raise ValueError(f"validation images need data.source 'tfds', 'coco_folder' or 'shapes', got "
+                     f"{config.data.source!r}; pass image files instead")
   ann_file, image_dir = sources.coco_paths(config.data, "val")
   images = sorted(coco_folder.load_coco(ann_file).imgs.values(), key=lambda image: image["id"])
   return [os.path.join(image_dir, image["file_name"]) for image in images[:count]]
+
+
+def _export_tfds_images(data_config, count: int, export_dir: str) -> list[str]:
+  """Writes the encoded images of the first `count` TFDS validation records; their paths."""
+  from ddetr_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
+  source = tfds_source.TfdsSource(data_config.tfds_name, data_config.val_split,
+                                  data_config.tfds_data_dir, data_config.category_ids,
+                                  decode_images=False)
+  os.makedirs(export_dir, exist_ok=True)
+  paths = []
+  for index in range(min(count, len(source))):
+    record = source[index]
+    name = os.path.basename(record["file_name"]) or f"{int(record['image_id'])}.jpg"
+    path = os.path.join(export_dir, name)
+    with open(path, "wb") as f:
+      f.write(bytes(record["image"]))
+    paths.append(path)
+  return paths
 
 
 def _class_names(config) -> list[str]:

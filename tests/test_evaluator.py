@@ -171,7 +171,8 @@ def test_evaluate_perfect_predictions_end_to_end(tmp_path, category_ids, use_mes
     assert metrics[name] == pytest.approx(1.0, abs=1e-6), name
   written = json.loads((tmp_path / "work" / "coco_metrics.json").read_text())
   assert written == metrics and written["step"] == 7
-  assert set(written) == set(evaluator.METRIC_NAMES) | {"step"}
+  assert set(written) == set(evaluator.METRIC_NAMES) | {"num_images", "step"}
+  assert written["num_images"] == 6
   results = json.loads((tmp_path / "work" / "coco_results.json").read_text())
   gt = data_lib.coco_ground_truth(config.data)
   assert {d["image_id"] for d in results} <= set(gt.getImgIds())
@@ -243,7 +244,8 @@ def test_eval_cli_evaluates_and_predicts(tmp_path):
   run = subprocess.run(base, env=env, cwd=root, capture_output=True, text=True, timeout=300)
   assert run.returncode == 0, run.stderr[-3000:]
   metrics = json.loads((tmp_path / "work" / "coco_metrics.json").read_text())
-  assert set(metrics) == set(evaluator.METRIC_NAMES)
+  assert set(metrics) == set(evaluator.METRIC_NAMES) | {"num_images"}
+  assert metrics["num_images"] == config.data.shapes.num_val
   assert f"AR100 {metrics['AR100']:.4f}" in run.stdout
   results = json.loads((tmp_path / "work" / "coco_results.json").read_text())
   assert len({d["image_id"] for d in results}) <= config.data.shapes.num_val

@@ -1,4 +1,5 @@
-"""Prediction on image files: image modes, any size, unreadable files, the detections json."""
+"""Prediction on image files: image modes, any size, unreadable files, the detections json,
+validation images (files, or exported from TFDS records)."""
 import json
 import os
 
@@ -8,6 +9,7 @@ from PIL import Image
 
 from configs import tiny
 from ddetr_jax import predict
+from tests import tfds_coco_mock
 
 
 def test_load_image_modes(tmp_path):
@@ -114,6 +116,22 @@ def test_validation_images(tmp_path):
   paths = predict.validation_images(config, 3)
   assert len(paths) == 3 and all(os.path.isfile(p) for p in paths)
   assert predict.load_image(paths[0]).shape[2] == 3
-  config.data.source = "tfds"
-  with pytest.raises(ValueError, match="'tfds'"):
+  config.data.source = "nowhere"
+  with pytest.raises(ValueError, match="'nowhere'"):
     predict.validation_images(config, 3)
+
+
+def test_validation_images_of_tfds(tmp_path):
+  """TFDS holds no image files: the first records' encoded images are written out unchanged."""
+  config = tiny.get_config()
+  config.data.source = "tfds"
+  with tfds_coco_mock.mock_coco():
+    with pytest.raises(ValueError, match="export_dir"):
+      predict.validation_images(config, 2)
+    paths = predict.validation_images(config, 2, export_dir=str(tmp_path / "val"))
+  assert paths == [str(tmp_path / "val" / "000000000285.jpg"),
+                   str(tmp_path / "val" / "000000000139.jpg")]
+  with Image.open(paths[0]) as image:
+    assert image.format == "JPEG"
+  assert predict.load_image(paths[0]).shape == (48, 64, 3)
+  assert predict.load_image(paths[1]).shape == (80, 40, 3)

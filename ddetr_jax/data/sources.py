@@ -105,7 +105,13 @@ def category_names(data_config) -> list[str]:
 
 
 def coco_ground_truth(data_config, split: str = "val") -> COCO:
-  """pycocotools COCO of a split; its category ids are the dataset's (see `Categories`)."""
+  """pycocotools COCO of a split; its category ids are the dataset's (see `Categories`).
+
+  tfds: built from the records (one pass, images not decoded): every record's image id and
+  decoded size, its boxes as [x, y, w, h] in original pixels, TFDS labels mapped to COCO's
+  category ids (`tfds_source.COCO_CATEGORY_IDS`, whatever data.category_ids), crowd flags, and
+  TFDS's `area` (COCO's area truncated to an integer, used for the small/medium/large ranges).
+  """
   if data_config.source in ("coco_folder", "shapes"):
     ann_file, _ = coco_paths(data_config, split)
     return coco_folder.load_coco(ann_file)

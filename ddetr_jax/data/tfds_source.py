@@ -6,6 +6,8 @@ labels 0..79; `category_ids='raw'` maps them back to COCO's 91-slot ids (`COCO_C
 that the official weights line up, 'contiguous' keeps 0..79.
 
 TensorFlow is imported lazily and hidden from every GPU/TPU (it only builds the TFDS dataset info).
+Nothing is ever downloaded: a data dir without the prepared dataset raises FileNotFoundError naming
+the dataset and the data dir.
 """
 import os
 
@@ -46,10 +48,21 @@ class TfdsSource:
     tfds = _import_tfds()
     self.name, self.split = name, split
     decoders = None if decode_images else {"image": tfds.decode.SkipDecoding()}
-    self._source = tfds.data_source(name, split=split, data_dir=data_dir or None,
-                                    decoders=decoders)
+    builder = tfds.builder(name, data_dir=data_dir or None)
+    try:
+      # download=False: a missing dataset must not start a download of COCO (~25 GB) here.
+      self._source = tfds.data_source(name, split=split, data_dir=data_dir or None,
+                                      decoders=decoders, download=False)
+    except Exception as e:  # pylint: disable=broad-except  (tfds's error varies with the state)
+      if builder.is_prepared():
+        raise
+      raise FileNotFoundError(
+          f"TFDS dataset {name!r} is not prepared in data dir {str(builder.data_dir_root)!r} (no "
+          f"{builder.data_dir}/dataset_info.json; data.tfds_data_dir={data_dir!r}). Build it "
+          f"with `tfds build {name} --data_dir=DIR --file_format=array_record`, "
+          f"or point data.tfds_data_dir at a directory holding it") from e
     self.decode_images = decode_images
-    label_feature = tfds.builder(name, data_dir=data_dir or None).info.features["objects"]["label"]
+    label_feature = builder.info.features["objects"]["label"]
     names = list(label_feature.names)
     if name.startswith("coco") and len(names) == len(COCO_CATEGORY_IDS):
       dataset_ids = list(COCO_CATEGORY_IDS)
@@ -84,7 +97,7 @@ class TfdsSource:
                               f"{self.split!r}: {e}") from e
     objects = example["objects"]
     bbox = np.asarray(objects["bbox"], np.float32).reshape(-1, 4)  # [N, 4] (ymin, xmin, ymax, xmax)
-    labels = np.asarray(objects["label"]).reshape(-1)
+    labels = np.asarray(objects["label"], np.int64).reshape(-1)
     is_crowd = np.asarray(objects["is_crowd"], bool).reshape(-1)
     if not len(bbox) == len(labels) == len(is_crowd):
       raise ValueError(f"malformed {self._where(index, example)}: {len(bbox)} boxes, "
