@@ -6,8 +6,11 @@ For each config: JAX compile time of the train step (trainer.make_train_step, 1-
 seconds per step after compilation, and HF `DeformableDetrForObjectDetection` (randomly
 initialised, HF ResNet backbone of the same depth, no download) forward with labels (its loss and
 Hungarian matcher) + backward + torch.optim.AdamW step, on the same batch size, image size and
-targets. `full` is configs/deformable_detr.py:default (ResNet-50, 6+6 layers, 300 queries);
-`tiny` is configs/tiny.py. Prints a table and one JSON line per config.
+targets, training the same parameters (backbone stages 2-4 and everything after it). `full` is
+configs/deformable_detr.py:default (ResNet-50, 6+6 layers, 300 queries); `tiny` is
+configs/tiny.py. Also times the backbone alone (forward + backward of stages 2-4) in both
+frameworks, since at the tiny size it is most of the step. Prints a table and one JSON line per
+config.
 """
 import argparse
 import json
@@ -93,6 +96,14 @@ def bench_hf(config, batch: dict, steps: int) -> dict:
       two_stage=m.two_stage, auxiliary_loss=m.aux_loss, dropout=m.dropout)
   torch.manual_seed(0)
   model = DeformableDetrForObjectDetection(hf_config).train()
+  # Same trainable set as the official code and ddetr_jax: ResNet stages 2-4 train, the stem and
+  # stage 1 stay frozen. HF's own rule freezes the whole HF ResNet (it looks for "stage.1" in
+  # parameter names that read "stages.1"), which would skip the backbone's backward pass.
+  backbone_params = list(model.model.backbone.model.named_parameters())
+  for name, param in backbone_params:
+    param.requires_grad_(any(f"stages.{i}." in name for i in (1, 2, 3)))
+  if not any(param.requires_grad for _, param in backbone_params):
+    raise RuntimeError("no trainable HF backbone parameter: the stage naming changed")
   optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr,
                                 weight_decay=config.optim.weight_decay)
   pixel_values = torch.from_numpy(batch["images"].transpose(0, 3, 1, 2).copy())
@@ -116,6 +127,54 @@ def bench_hf(config, batch: dict, steps: int) -> dict:
   return {"step_s": (time.perf_counter() - start) / steps, "loss": loss}
 
 
+def _median_seconds(fn, steps: int) -> float:
+  fn()  # warm-up
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
+def bench_jax_backbone(config, batch: dict, steps: int) -> float:
+  """Seconds per forward + backward of the ResNet alone (gradients of stages 2-4 only)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from ddetr_jax.models.backbone import ResNet  # pylint: disable=g-import-not-at-top
+  net = ResNet(depth=config.model.backbone_depth)
+  images = jnp.asarray(batch["images"])
+  params = net.init(jax.random.PRNGKey(0), images)["params"]
+  trainable = {k: v for k, v in params.items() if k.startswith(("layer2", "layer3", "layer4"))}
+  frozen = {k: v for k, v in params.items() if k not in trainable}
+
+  def loss(train_params):
+    return sum(jnp.sum(f ** 2) for f in net.apply({"params": {**frozen, **train_params}}, images))
+
+  grad = jax.jit(jax.grad(loss))
+  return _median_seconds(lambda: jax.block_until_ready(grad(trainable)), steps)
+
+
+def bench_hf_backbone(config, batch: dict, steps: int) -> float:
+  """The same for HF's ResNet (stem and stage 1 frozen)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from transformers import ResNetBackbone, ResNetConfig  # pylint: disable=g-import-not-at-top
+  layer_type, depths, sizes = _RESNET[config.model.backbone_depth]
+  torch.manual_seed(0)
+  net = ResNetBackbone(ResNetConfig(layer_type=layer_type, depths=depths, hidden_sizes=sizes,
+                                    embedding_size=64,
+                                    out_features=["stage2", "stage3", "stage4"])).train()
+  for name, param in net.named_parameters():
+    param.requires_grad_(any(f"stages.{i}." in name for i in (1, 2, 3)))
+  images = torch.from_numpy(batch["images"].transpose(0, 3, 1, 2).copy())
+
+  def step():
+    net.zero_grad()
+    sum((f ** 2).sum() for f in net(images).feature_maps).backward()
+
+  return _median_seconds(step, steps)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--configs", default="tiny,full")
@@ -132,16 +191,22 @@ def main():
         f"with {torch.get_num_threads()} threads; batch {args.batch}, {args.size}x{args.size} px, "
         f"{args.steps} timed steps; JAX matcher {args.matcher}")
   print(f"{'config':8s} {'jax compile s':>14s} {'jax s/step':>11s} {'hf s/step':>10s} "
-        f"{'jax/hf':>7s}")
+        f"{'jax/hf':>7s} {'jax backbone s':>15s} {'hf backbone s':>14s}")
+  nan = float("nan")
   for name in args.configs.split(","):
     config = _config(name)
     config.loss.matcher = args.matcher
     batch = _batch(args.batch, args.size, config.model.num_classes)
     jax_result = bench_jax(config, batch, args.steps)
-    hf_result = None if args.skip_hf else bench_hf(config, batch, args.steps)
-    ratio = jax_result["step_s"] / hf_result["step_s"] if hf_result else float("nan")
+    jax_result["backbone_s"] = bench_jax_backbone(config, batch, args.steps)
+    hf_result = None
+    if not args.skip_hf:
+      hf_result = bench_hf(config, batch, args.steps)
+      hf_result["backbone_s"] = bench_hf_backbone(config, batch, args.steps)
+    ratio = jax_result["step_s"] / hf_result["step_s"] if hf_result else nan
     print(f"{name:8s} {jax_result['compile_s']:14.1f} {jax_result['step_s']:11.3f} "
-          f"{hf_result['step_s'] if hf_result else float('nan'):10.3f} {ratio:7.2f}")
+          f"{hf_result['step_s'] if hf_result else nan:10.3f} {ratio:7.2f} "
+          f"{jax_result['backbone_s']:15.3f} {hf_result['backbone_s'] if hf_result else nan:14.3f}")
     print(json.dumps({"config": name, "batch": args.batch, "size": args.size, "jax": jax_result,
                       "hf": hf_result, "jax_over_hf": ratio}))
 

@@ -91,6 +91,7 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
       weight_decay=1e-4, b1=0.9, b2=0.999, clip_max_norm=0.1,
       lr_drop=40,                  # epoch of the x0.1 step decay.
       grad_accum_steps=1,
+      freeze_stem=True,            # stem + layer1 frozen (official); False for a from-scratch backbone.
   ))
   config.train = ml_collections.ConfigDict(dict(
       global_batch_size=32, epochs=50, num_train_steps=-1,  # -1: derived from epochs.

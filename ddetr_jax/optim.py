@@ -2,10 +2,11 @@
 
 Parameter groups, decided by the path of each leaf in the params tree (a leading
 'params' collection key is ignored):
-  'frozen'      paths under backbone/conv1, backbone/bn1, backbone/layer1_*, and any path
-                whose module component contains 'bn' (frozen BatchNorm): update is exactly
-                zero, no weight decay, and their gradients are excluded from the clip norm
-                (the official code sets requires_grad=False on them);
+  'frozen'      paths under backbone/conv1, backbone/bn1, backbone/layer1_* (the stem and the
+                first stage; unless `freeze_stem=False`), and any path whose module component
+                contains 'bn' (frozen BatchNorm): update is exactly zero, no weight decay, and
+                their gradients are excluded from the clip norm (the official code sets
+                requires_grad=False on them);
   'backbone'    other paths under `backbone`: lr_backbone;
   'linear_proj' any path component named `sampling_offsets` or `reference_points`:
                 lr * lr_linear_proj_mult;
@@ -15,6 +16,10 @@ the group's (scheduled) lr, as torch.optim.AdamW. Order of operations as in the 
 loop: frozen gradients zeroed -> global-norm clip over all trainable gradients
 (clip_max_norm; <= 0 disables) -> per-group AdamW. The lr of every group is multiplied by 0.1
 from epoch `lr_drop` on (torch StepLR stepped once per epoch).
+
+`config.optim.freeze_stem` (default True, the official choice for an ImageNet-pretrained
+backbone) may be set False to train the stem and first stage too: sensible only for a backbone
+trained from scratch, as in configs/shapes.py. Frozen BatchNorm stays frozen either way.
 
 Gradient accumulation (grad_accum_steps > 1) wraps everything in `optax.MultiSteps`:
 gradients of k consecutive `update` calls are averaged, then one real update is made.
@@ -37,7 +42,7 @@ def _key_name(key: Any) -> str:
   return str(key)
 
 
-def label_for_path(path: tuple) -> str:
+def label_for_path(path: tuple, freeze_stem: bool = True) -> str:
   """Group label of one parameter path (a tuple of names, leaf name last)."""
   if path and path[0] == "params":
     path = path[1:]
@@ -45,7 +50,8 @@ def label_for_path(path: tuple) -> str:
   if any("bn" in name for name in modules):
     return "frozen"
   if path and path[0] == "backbone":
-    if len(path) > 1 and (path[1] in _FROZEN_BACKBONE_MODULES or path[1].startswith("layer1_")):
+    if freeze_stem and len(path) > 1 and (path[1] in _FROZEN_BACKBONE_MODULES
+                                          or path[1].startswith("layer1_")):
       return "frozen"
     return "backbone"
   if any(name in _LINEAR_PROJ_NAMES for name in modules):
@@ -53,10 +59,10 @@ def label_for_path(path: tuple) -> str:
   return "default"
 
 
-def param_labels(params: Any) -> Any:
+def param_labels(params: Any, freeze_stem: bool = True) -> Any:
   """The tree of group labels ('default' | 'backbone' | 'linear_proj' | 'frozen') for params."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: label_for_path(tuple(_key_name(k) for k in path)), params)
+      lambda path, _: label_for_path(tuple(_key_name(k) for k in path), freeze_stem), params)
 
 
 def learning_rate_schedule(base_lr: float, lr_drop: int, steps_per_epoch: int,
@@ -90,7 +96,7 @@ def make_optimizer(optim_config: Any, steps_per_epoch: int, params: Any
 
   Args:
     optim_config: config.optim: lr, lr_backbone, lr_linear_proj_mult, weight_decay, b1, b2,
-      clip_max_norm, lr_drop (epoch), grad_accum_steps.
+      clip_max_norm, lr_drop (epoch), grad_accum_steps, freeze_stem (default True).
     steps_per_epoch: calls of `update` (train steps, i.e. micro-batches when accumulating)
       per epoch; the schedule counts real updates, steps_per_epoch // grad_accum_steps per epoch.
     params: the params tree (or a tree of the same structure, e.g. shapes) for the labels.
@@ -107,7 +113,7 @@ def make_optimizer(optim_config: Any, steps_per_epoch: int, params: Any
     raise ValueError(f"make_optimizer: steps_per_epoch={steps_per_epoch} is smaller than "
                      f"config.optim.grad_accum_steps={accum}")
   updates_per_epoch = steps_per_epoch // accum
-  labels = param_labels(params)
+  labels = param_labels(params, bool(c.get("freeze_stem", True)))
 
   def adamw(lr):
     return optax.adamw(learning_rate_schedule(lr, c.lr_drop, updates_per_epoch),

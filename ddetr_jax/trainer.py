@@ -65,13 +65,14 @@ class TrainState:
 
 
 def make_train_step(model, tx: optax.GradientTransformation, loss_config: Any,
-                    num_classes: int) -> Callable:
+                    num_classes: int, freeze_stem: bool = True) -> Callable:
   """(state, batch) -> (state, metrics), not yet jitted.
 
   batch: `images` [B, H, W, 3], `padding_mask` [B, H, W], `boxes` [B, T, 4], `labels` [B, T],
   `box_mask` [B, T] (the global batch). metrics: `loss` (weighted total), the unweighted terms of
   `losses.set_criterion` (`loss_ce`, `loss_bbox`, `loss_giou`, `loss_ce_0`, ...), `grad_norm`
-  (global norm of the trainable gradients before clipping), `num_boxes`.
+  (global norm of the trainable gradients before clipping, as `optim.param_labels(...,
+  freeze_stem)` defines them), `num_boxes`.
   """
   def train_step(state: TrainState, batch: Mapping[str, jax.Array]):
     step_rng = jax.random.fold_in(state.rng, state.step)
@@ -85,7 +86,7 @@ def make_train_step(model, tx: optax.GradientTransformation, loss_config: Any,
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     trainable = jax.tree.map(lambda g, label: jnp.zeros_like(g) if label == "frozen" else g,
-                             grads, optim.param_labels(grads))
+                             grads, optim.param_labels(grads, freeze_stem))
     metrics = dict(terms, loss=loss, grad_norm=optax.global_norm(trainable),
                    num_boxes=batch["box_mask"].sum())
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
@@ -283,7 +284,8 @@ def train_and_evaluate(config, workdir: str, mesh: Optional[Mesh] = None) -> dic
   start_step = int(jax.device_get(state.step))
 
   train_step = jit_train_step(
-      make_train_step(model, tx, config.loss, int(config.model.num_classes)), mesh, state)
+      make_train_step(model, tx, config.loss, int(config.model.num_classes),
+                      bool(config.optim.get("freeze_stem", True))), mesh, state)
   writer = metric_writer.MetricWriter(workdir, enabled=is_main)
   log_every = max(1, int(tc.log_every))
   checkpoint_every = int(tc.checkpoint_every)

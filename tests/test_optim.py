@@ -67,6 +67,27 @@ def test_param_labels():
   assert bare == {k[len("params/"):]: v for k, v in labels.items()}
 
 
+def test_unfrozen_stem_trains_with_the_backbone_lr_and_batchnorm_stays_frozen():
+  params = _fake_params(np.random.default_rng(2))
+  labels = _paths(optim.param_labels(params, freeze_stem=False))
+  assert labels["params/backbone/conv1/kernel"] == "backbone"
+  assert labels["params/backbone/layer1_0/conv1/kernel"] == "backbone"
+  assert labels["params/backbone/bn1/scale"] == "frozen"
+  assert labels["params/backbone/layer1_0/bn1/var"] == "frozen"
+  tx = optim.make_optimizer(_optim_config(clip_max_norm=0.0, weight_decay=0.0, freeze_stem=False),
+                            4, params)
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
+  updates = _paths(jax.jit(tx.update)(grads, tx.init(params), params)[0])
+  np.testing.assert_allclose(np.asarray(updates["params/backbone/conv1/kernel"]), -1e-3, rtol=1e-4)
+  np.testing.assert_allclose(np.asarray(updates["params/backbone/layer1_0/conv1/kernel"]), -1e-3,
+                             rtol=1e-4)
+  assert not np.any(np.asarray(updates["params/backbone/bn1/scale"]))
+  # The official default freezes them.
+  official = optim.make_optimizer(_optim_config(clip_max_norm=0.0), 4, params)
+  frozen = _paths(jax.jit(official.update)(grads, official.init(params), params)[0])
+  assert not np.any(np.asarray(frozen["params/backbone/conv1/kernel"]))
+
+
 def test_schedule_drops_at_epoch_boundary():
   schedule = optim.learning_rate_schedule(2e-4, lr_drop=40, steps_per_epoch=10)
   np.testing.assert_allclose(float(schedule(0)), 2e-4)
