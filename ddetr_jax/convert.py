@@ -288,6 +288,10 @@ def params_from_state_dict(state_dict: Mapping[str, Any], config, init_params: O
   Raises:
     CheckpointError listing every missing key, unused key and shape mismatch at once.
   """
+  norm = config.model.get("backbone_norm", "frozen_bn")
+  if norm != "frozen_bn":
+    raise CheckpointError(f"PyTorch checkpoints hold frozen BatchNorm backbones; "
+                          f"config.model.backbone_norm={norm!r} cannot load them (use 'frozen_bn')")
   state_dict, layout = to_official_names(to_numpy_state_dict(state_dict))
   expected = expected_param_shapes(config)
   flat_expected = {tuple(str(k.key) for k in path): leaf.shape

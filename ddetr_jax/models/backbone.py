@@ -5,6 +5,13 @@ Parameter names mirror torchvision so that checkpoints map one to one: `conv1`, 
 `downsample_bn`. Every BatchNorm is frozen: its four arrays (`scale`, `bias`, `mean`, `var`)
 live in the 'params' collection under a module whose name contains `bn` (the optimizer never
 updates them) and the forward pass uses them as constants with eps 1e-5.
+
+`norm="group"` replaces every BatchNorm by a trainable GroupNorm (32 groups, eps 1e-5) named
+`gn*` instead of `bn*`, with the last norm of each residual branch initialised to zero scale (the
+block starts as the identity). This is for training a backbone from scratch, where frozen
+BatchNorm with no pretrained statistics normalises nothing (He et al., "Rethinking ImageNet
+Pre-training", 2019, train detectors from scratch with GroupNorm); torchvision checkpoints
+only load into the default `norm="frozen_bn"`.
 """
 from typing import Any, Sequence
 
@@ -22,6 +29,7 @@ RESNET_LAYOUTS = {
     101: ("bottleneck", (3, 4, 23, 3)),
 }
 _STAGE_WIDTHS = (64, 128, 256, 512)
+NORMS = ("frozen_bn", "group")
 
 
 def stage_channels(depth: int) -> tuple[int, int, int, int]:
@@ -50,6 +58,17 @@ class FrozenBatchNorm(nn.Module):
     return x * folded_scale.astype(x.dtype) + folded_bias.astype(x.dtype)
 
 
+def _norm(kind: str, features: int, name: str, dtype: Any, zero_init: bool = False) -> nn.Module:
+  """The norm layer `name` (a torchvision `bn*` name): FrozenBatchNorm, or GroupNorm as `gn*`."""
+  if kind == "frozen_bn":
+    return FrozenBatchNorm(features, name=name)
+  if kind == "group":
+    return nn.GroupNorm(num_groups=min(32, features), epsilon=1e-5, dtype=dtype,
+                        scale_init=nn.initializers.zeros if zero_init else nn.initializers.ones,
+                        name=name.replace("bn", "gn"))
+  raise ValueError(f"backbone norm must be one of {NORMS}, got {kind!r}")
+
+
 def _conv(features: int, kernel: int, stride: int, dilation: int, dtype: Any, name: str) -> nn.Conv:
   """Bias-free conv with PyTorch's symmetric padding dilation * (kernel // 2)."""
   pad = dilation * (kernel // 2)
@@ -66,17 +85,18 @@ class BasicBlock(nn.Module):
   dilation: int = 1
   downsample: bool = False
   dtype: Any = jnp.float32
+  norm: str = "frozen_bn"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [B, H, W, C_in] -> [B, H / stride, W / stride, planes]."""
     out = _conv(self.planes, 3, self.stride, self.dilation, self.dtype, "conv1")(x)
-    out = nn.relu(FrozenBatchNorm(self.planes, name="bn1")(out))
+    out = nn.relu(_norm(self.norm, self.planes, "bn1", self.dtype)(out))
     out = _conv(self.planes, 3, 1, self.dilation, self.dtype, "conv2")(out)
-    out = FrozenBatchNorm(self.planes, name="bn2")(out)
+    out = _norm(self.norm, self.planes, "bn2", self.dtype, zero_init=True)(out)
     if self.downsample:
       x = _conv(self.planes, 1, self.stride, 1, self.dtype, "downsample_conv")(x)
-      x = FrozenBatchNorm(self.planes, name="downsample_bn")(x)
+      x = _norm(self.norm, self.planes, "downsample_bn", self.dtype)(x)
     return nn.relu(out + x)
 
 
@@ -87,19 +107,20 @@ class Bottleneck(nn.Module):
   dilation: int = 1
   downsample: bool = False
   dtype: Any = jnp.float32
+  norm: str = "frozen_bn"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [B, H, W, C_in] -> [B, H / stride, W / stride, 4 * planes]."""
     out = _conv(self.planes, 1, 1, 1, self.dtype, "conv1")(x)
-    out = nn.relu(FrozenBatchNorm(self.planes, name="bn1")(out))
+    out = nn.relu(_norm(self.norm, self.planes, "bn1", self.dtype)(out))
     out = _conv(self.planes, 3, self.stride, self.dilation, self.dtype, "conv2")(out)
-    out = nn.relu(FrozenBatchNorm(self.planes, name="bn2")(out))
+    out = nn.relu(_norm(self.norm, self.planes, "bn2", self.dtype)(out))
     out = _conv(self.planes * 4, 1, 1, 1, self.dtype, "conv3")(out)
-    out = FrozenBatchNorm(self.planes * 4, name="bn3")(out)
+    out = _norm(self.norm, self.planes * 4, "bn3", self.dtype, zero_init=True)(out)
     if self.downsample:
       x = _conv(self.planes * 4, 1, self.stride, 1, self.dtype, "downsample_conv")(x)
-      x = FrozenBatchNorm(self.planes * 4, name="downsample_bn")(x)
+      x = _norm(self.norm, self.planes * 4, "downsample_bn", self.dtype)(x)
     return nn.relu(out + x)
 
 
@@ -112,24 +133,29 @@ class ResNet(nn.Module):
       `replace_stride_with_dilation=[False, False, True]`, the first block of layer4 keeps
       dilation 1 with stride 1 and the following blocks use dilation 2.
     return_layers: which of layer1..4 to return (1-based), e.g. (2, 3, 4) or (4,).
+    norm: "frozen_bn" (official, loads torchvision weights) or "group" (trainable GroupNorm,
+      for training from scratch; see the module docstring).
   """
   depth: int = 50
   dilation: bool = False
   return_layers: Sequence[int] = (2, 3, 4)
   dtype: Any = jnp.float32
+  norm: str = "frozen_bn"
 
   @nn.compact
   def __call__(self, images: jax.Array) -> list[jax.Array]:
     """images: [B, H, W, 3] -> list of [B, H_l, W_l, C_l] for each layer in `return_layers`."""
     if self.depth not in RESNET_LAYOUTS:
       raise ValueError(f"backbone_depth must be one of {sorted(RESNET_LAYOUTS)}, got {self.depth}")
+    if self.norm not in NORMS:
+      raise ValueError(f"backbone_norm must be one of {NORMS}, got {self.norm!r}")
     kind, blocks = RESNET_LAYOUTS[self.depth]
     block_cls = Bottleneck if kind == "bottleneck" else BasicBlock
     expansion = 4 if kind == "bottleneck" else 1
     x = images.astype(self.dtype)
     x = nn.Conv(64, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), use_bias=False, dtype=self.dtype,
                 kernel_init=initializers.kaiming_normal_fan_out(), name="conv1")(x)
-    x = nn.relu(FrozenBatchNorm(64, name="bn1")(x))
+    x = nn.relu(_norm(self.norm, 64, "bn1", self.dtype)(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # [B, H/4, W/4, 64]
     in_channels, current_dilation, outputs = 64, 1, []
     for stage, (planes, num_blocks) in enumerate(zip(_STAGE_WIDTHS, blocks)):
@@ -145,6 +171,7 @@ class ResNet(nn.Module):
             dilation=previous_dilation if i == 0 else current_dilation,
             downsample=i == 0 and (stride != 1 or in_channels != planes * expansion),
             dtype=self.dtype,
+            norm=self.norm,
             name=f"layer{stage + 1}_{i}")(x)
         in_channels = planes * expansion
       if stage + 1 in self.return_layers:

@@ -76,6 +76,7 @@ class DeformableDETR(nn.Module):
   normalisation statistics, sampling locations and box sigmoids run in float32.
   """
   backbone_depth: int = 50
+  backbone_norm: str = "frozen_bn"
   dilation: bool = False
   num_feature_levels: int = 4
   hidden_dim: int = 256
@@ -163,7 +164,7 @@ class DeformableDETR(nn.Module):
     c = self.hidden_dim
     multi_scale = self.num_feature_levels > 1
     features = ResNet(self.backbone_depth, self.dilation, (2, 3, 4) if multi_scale else (4,),
-                      dtype=dtype, name="backbone")(images)
+                      dtype=dtype, norm=self.backbone_norm, name="backbone")(images)
 
     srcs, masks = [], []
     for lvl, feature in enumerate(features[:self.num_feature_levels]):
