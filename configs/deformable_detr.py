@@ -65,6 +65,7 @@ def data_config() -> ml_collections.ConfigDict:
   d.crop_resize_scales = (400, 500, 600)
   d.crop_min_size = 384
   d.crop_max_size = 600
+  d.crop_prob = 0.5                # probability of branch (b), the resize-crop-resize one.
   d.val_scale = 800
   d.val_max_size = 1333
   d.buckets = tuple(range(512, 1345, 128)) + (1344,)  # padded side lengths (square buckets).

@@ -97,6 +97,20 @@ def test_train_transform_keeps_boxes_on_the_object():
   assert seen_flip and seen_crop
 
 
+@pytest.mark.parametrize("crop_prob", [0.0, 1.0])
+def test_crop_prob_picks_the_branch(crop_prob):
+  # A crop changes the aspect ratio of this 4:3 image; a plain resize never does.
+  record = _square_record((30, 40, 90, 100))
+  kwargs = dict(scales=(96, 128), max_size=200, crop_resize_scales=(100, 140),
+                crop_min_size=40, crop_max_size=70, crop_prob=crop_prob)
+  cropped = []
+  for seed in range(20):
+    out = transforms.train_transform(record, np.random.default_rng(seed), **kwargs)
+    height, width = out["image"].shape[:2]
+    cropped.append(abs(width / height - 4 / 3) > 0.05)
+  assert all(cropped) if crop_prob == 1.0 else not any(cropped)
+
+
 def test_eval_transform_resizes_only():
   out = transforms.eval_transform(_square_record((30, 40, 90, 100)), scale=60, max_size=100)
   assert out["image"].shape == (60, 80, 3)

@@ -55,7 +55,8 @@ class _TrainRecord:
                        max_size=data_config.train_max_size,
                        crop_resize_scales=tuple(data_config.crop_resize_scales),
                        crop_min_size=data_config.crop_min_size,
-                       crop_max_size=data_config.crop_max_size)
+                       crop_max_size=data_config.crop_max_size,
+                       crop_prob=float(data_config.get("crop_prob", 0.5)))
 
   def __call__(self, index: int, rng: np.random.Generator) -> dict:
     record = _load(self.source, int(index), self.strict)

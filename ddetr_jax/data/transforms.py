@@ -4,8 +4,9 @@ Transforms act on a PIL image and an (N, 4) float32 xyxy box array in absolute p
 travel alongside as an (N,) array so that dropping a box drops its label. Randomness comes only
 from the `np.random.Generator` passed in, so a record's augmentation is a function of its seed.
 
-Train (`train_transform`): horizontal flip with probability 0.5, then with probability 1/2 each
-  (a) resize the shorter side to one of `scales` (longer side <= `max_size`), or
+Train (`train_transform`): horizontal flip with probability 0.5, then
+  (a) resize the shorter side to one of `scales` (longer side <= `max_size`), or, with
+      probability `crop_prob` (official: 0.5),
   (b) resize the shorter side to one of `crop_resize_scales`, random crop of side lengths in
       [crop_min_size, crop_max_size], then (a).
 Val (`eval_transform`): resize the shorter side to `val_scale` (longer side <= `val_max_size`).
@@ -118,7 +119,8 @@ def _finish(image: Image.Image, boxes: np.ndarray, labels: np.ndarray, record: d
 
 
 def train_transform(record: dict, rng: np.random.Generator, *, scales, max_size: int,
-                    crop_resize_scales, crop_min_size: int, crop_max_size: int) -> dict:
+                    crop_resize_scales, crop_min_size: int, crop_max_size: int,
+                    crop_prob: float = 0.5) -> dict:
   """The official train augmentation of one source record.
 
   Returns a dict: image (h, w, 3) uint8 after augmentation (not yet normalized), boxes (N, 4)
@@ -128,7 +130,7 @@ def train_transform(record: dict, rng: np.random.Generator, *, scales, max_size:
   image = Image.fromarray(record["image"])
   if rng.random() < 0.5:
     image, boxes = hflip(image, boxes)
-  if rng.random() < 0.5:
+  if rng.random() >= crop_prob:
     image, boxes = resize(image, boxes, int(rng.choice(scales)), max_size)
   else:
     image, boxes = resize(image, boxes, int(rng.choice(crop_resize_scales)), None)
