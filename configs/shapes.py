@@ -1,13 +1,17 @@
-"""The embedded default: a small Deformable DETR on the generated shapes dataset.
+"""The embedded default: a small two-stage Deformable DETR on the generated shapes dataset.
 
 `python train.py` uses it. The dataset (4 classes: square, circle, triangle, star; 0-4 objects per
 image, 128 px images) is generated on first use into `data.cache_dir` (a few seconds) and read
 as a COCO folder, so training and COCO evaluation run exactly as on real data, on a CPU.
+
+The recipe was picked by measuring COCO AP after 600 steps (README, "The demo"): the two-stage
+variant, training the stem and layer1 of the from-scratch ResNet-18, and no random crops each
+helped; a higher or lower learning rate, a GroupNorm backbone and batch 4 did not.
 """
 from configs import deformable_detr
 
 
-def get_config(variant: str = "default"):
+def get_config(variant: str = "two_stage"):
   config = deformable_detr.get_config(variant)
   m = config.model
   m.backbone_depth = 18
@@ -17,7 +21,7 @@ def get_config(variant: str = "default"):
   m.dec_layers = 2
   m.dim_feedforward = 256
   m.num_queries = 30
-  m.with_box_refine = True         # iterative refinement: converges faster on small data
+  m.with_box_refine = True         # iterative refinement (two_stage has it anyway)
   m.num_classes = 4                # contiguous labels 0..3 (data.category_ids below).
   m.dropout = 0.0
 
@@ -25,26 +29,28 @@ def get_config(variant: str = "default"):
   d.source = "shapes"
   d.category_ids = "contiguous"
   d.cache_dir = ""                 # "" = ~/.cache/ddetr_jax
-  d.shapes.update(dict(num_train=1600, num_val=160, image_size=128, seed=0,
+  d.shapes.update(dict(num_train=1500, num_val=160, image_size=128, seed=0,
                        min_objects=0, max_objects=4))
   d.train_scales = (96, 112, 128)
   d.train_max_size = 128
   d.crop_resize_scales = (96, 112, 128)
   d.crop_min_size = 64
   d.crop_max_size = 112
+  d.crop_prob = 0.0                # no resize-crop-resize branch: fits faster in a short run.
   d.val_scale = 128
   d.val_max_size = 128
   d.buckets = (128,)               # one shape: one compilation
   d.max_boxes = 8
   d.num_workers = 2
-  # From scratch on a CPU: a higher learning rate everywhere (no pretrained backbone), the host
-  # scipy matcher (faster than the in-graph one on a CPU), small batches.
+  # From scratch on a CPU: a higher learning rate everywhere and the stem trained too (no
+  # pretrained backbone), the host scipy matcher (faster than the in-graph one on a CPU).
   config.loss.matcher = "scipy"
   config.optim.lr = 5e-4
   config.optim.lr_backbone = 5e-4
-  config.optim.lr_drop = 7
+  config.optim.freeze_stem = False
+  config.optim.lr_drop = 4
   config.train.global_batch_size = 8
-  config.train.epochs = 8
+  config.train.epochs = 5          # 5 x 1500 / 8 = 937 steps
   config.train.log_every = 25
   config.train.checkpoint_every = 200
   config.eval.batch_size = 16
