@@ -79,10 +79,8 @@ def test_two_processes_two_devices_each_match_one_device(tmp_path):
       assert multi[step][key] == pytest.approx(single[step][key], rel=2e-4, abs=1e-6), (step, key)
   final_multi = _flat(evaluator.load_params(os.path.join(workdir, "checkpoints", str(STEPS))))
   final_single = _flat(evaluator.load_params(os.path.join(reference, "checkpoints", str(STEPS))))
-  assert final_multi.keys() == final_single.keys()
-  for key in final_single:
-    np.testing.assert_allclose(final_multi[key], final_single[key], rtol=1e-4, atol=2e-5,
-                               err_msg=key)
+  train_worker.assert_params_match(final_multi, final_single,
+                                   train_worker.small_config().optim.lr, STEPS)
   # Evaluation on the 2-process mesh: every validation image once, gathered on process 0, the
   # same detections and metrics as on one device.
   def detections(directory):

@@ -116,9 +116,7 @@ def test_eight_devices_match_one_device(one_device_run, tmp_path):
     for key in ("loss", "loss_ce", "loss_bbox", "loss_giou", "loss_ce_0"):
       assert train_8[step][key] == pytest.approx(train_1[step][key], rel=2e-4, abs=1e-6), (step, key)
   final_1, final_8 = _flat(_params(workdir_1, STEPS)), _flat(_params(str(tmp_path), STEPS))
-  assert final_1.keys() == final_8.keys()
-  for key in final_1:
-    np.testing.assert_allclose(final_8[key], final_1[key], rtol=1e-4, atol=2e-5, err_msg=key)
+  train_worker.assert_params_match(final_8, final_1, config.optim.lr, STEPS)
 
 
 def test_frozen_parameters_never_change(one_device_run):

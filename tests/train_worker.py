@@ -46,6 +46,23 @@ def small_config(num_steps: int = NUM_STEPS, eval_every: int = 0):
   return config
 
 
+def assert_params_match(actual: dict, desired: dict, lr: float, steps: int) -> None:
+  """Flat {path: array} params of two runs of the same training agree to float32 tolerance.
+
+  The bias of each input projection's conv feeds a GroupNorm, which removes any per-channel
+  constant: its true gradient is zero and what arrives is rounding noise, whose sign depends on
+  the summation order (the device count). Adam turns that noise into steps of up to lr each, so
+  those biases are only checked to stay within the Adam bound of 2 * lr * steps of each other.
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  assert actual.keys() == desired.keys()
+  for key in desired:
+    if key.startswith("input_proj_") and key.endswith("conv/bias"):
+      assert np.abs(np.asarray(actual[key]) - np.asarray(desired[key])).max() <= 2 * lr * steps, key
+    else:
+      np.testing.assert_allclose(actual[key], desired[key], rtol=1e-4, atol=2e-5, err_msg=key)
+
+
 def use_compilation_cache():
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_compilation_cache_dir", CACHE_DIR)

@@ -130,7 +130,7 @@ def train_transform(record: dict, rng: np.random.Generator, *, scales, max_size:
   image = Image.fromarray(record["image"])
   if rng.random() < 0.5:
     image, boxes = hflip(image, boxes)
-  if rng.random() >= crop_prob:
+  if rng.random() < 1.0 - crop_prob:  # official RandomSelect: branch (a) when random() < p.
     image, boxes = resize(image, boxes, int(rng.choice(scales)), max_size)
   else:
     image, boxes = resize(image, boxes, int(rng.choice(crop_resize_scales)), None)
