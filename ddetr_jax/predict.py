@@ -106,10 +106,8 @@ def validation_images(config, count: int, export_dir: Optional[str] = None) -> l
 
 def _export_tfds_images(data_config, count: int, export_dir: str) -> list[str]:
   """Writes the encoded images of the first `count` TFDS validation records; their paths."""
-  from ddetr_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
-  source = tfds_source.TfdsSource(data_config.tfds_name, data_config.val_split,
-                                  data_config.tfds_data_dir, data_config.category_ids,
-                                  decode_images=False)
+  from ddetr_jax.data import sources  # pylint: disable=g-import-not-at-top
+  source = sources.tfds_split_source(data_config, "val", decode_images=False)
   os.makedirs(export_dir, exist_ok=True)
   paths = []
   for index in range(min(count, len(source))):

@@ -17,6 +17,7 @@ from pycocotools.cocoeval import COCOeval
 from configs import tiny
 from ddetr_jax import data as data_lib
 from ddetr_jax import evaluator
+from tests import oracle_model
 
 
 def _gt_coco(images, annotations, category_ids=(3, 7, 12)) -> COCO:
@@ -135,15 +136,6 @@ def test_labels_map_to_dataset_category_ids(tmp_path, category_ids, labels, expe
   assert all(d["image_id"] == 11 and d["bbox"] == [10.0, 20.0, 30.0, 40.0] for d in detections)
 
 
-class _OracleModel:
-  """Stands in for the detector: `apply` returns the predictions stored in its 'params'."""
-
-  def apply(self, variables, images, padding_mask, train=False):
-    del images, padding_mask, train
-    return {"pred_logits": variables["params"]["logits"],
-            "pred_boxes": variables["params"]["boxes"]}
-
-
 @pytest.mark.parametrize("category_ids,use_mesh", [("raw", True), ("contiguous", False)])
 def test_evaluate_perfect_predictions_end_to_end(tmp_path, category_ids, use_mesh):
   config = tiny.get_config()
@@ -154,18 +146,12 @@ def test_evaluate_perfect_predictions_end_to_end(tmp_path, category_ids, use_mes
   batches = list(data_lib.make_eval_batches(config))
   assert len(batches) == 1
   batch = batches[0]
-  q, c = config.model.num_queries, config.model.num_classes
-  logits = np.full((8, q, c), -10.0, np.float32)
-  boxes = np.full((8, q, 4), 0.5, np.float32)
-  n = batch["box_mask"].shape[1]
-  for i in range(8):
-    for j in np.flatnonzero(batch["box_mask"][i]):
-      logits[i, j, batch["labels"][i, j]] = 10.0
-      boxes[i, j] = batch["boxes"][i, j]
-  assert n <= q and batch["valid"].sum() == 6
+  assert len(batch["box_mask"]) == 8
+  assert batch["box_mask"].shape[1] <= config.model.num_queries and batch["valid"].sum() == 6
+  params = oracle_model.perfect_predictions(batch, config.model.num_queries,
+                                            config.model.num_classes)
   mesh = Mesh(np.array(jax.devices()), ("data",)) if use_mesh else None
-  params = {"logits": jnp.asarray(logits), "boxes": jnp.asarray(boxes)}
-  metrics = evaluator.evaluate(_OracleModel(), params, config, mesh=mesh,
+  metrics = evaluator.evaluate(oracle_model.OracleModel(), params, config, mesh=mesh,
                                workdir=str(tmp_path / "work"), step=7)
   for name in ("AP", "AP50", "AP75", "AR100"):
     assert metrics[name] == pytest.approx(1.0, abs=1e-6), name
@@ -199,7 +185,7 @@ def test_evaluate_rejects_wrong_image_count(tmp_path, monkeypatch):
   q, c = config.model.num_queries, config.model.num_classes
   params = {"logits": jnp.zeros((8, q, c)), "boxes": jnp.full((8, q, 4), 0.5)}
   with pytest.raises(RuntimeError, match="evaluated 8 images"):
-    evaluator.evaluate(_OracleModel(), params, config)
+    evaluator.evaluate(oracle_model.OracleModel(), params, config)
 
 
 def test_load_params_plain_and_manager(tmp_path):

@@ -16,6 +16,7 @@ from jax.sharding import Mesh
 from configs import tiny
 from ddetr_jax import data as data_lib
 from ddetr_jax import evaluator
+from tests import oracle_model
 from tests import tfds_coco_mock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,15 +54,6 @@ def test_ground_truth_from_tfds_records(category_ids):
   assert metrics["AP"] == pytest.approx(1.0) and metrics["AR100"] == pytest.approx(1.0)
 
 
-class _OracleModel:
-  """Stands in for the detector: `apply` returns the predictions stored in its 'params'."""
-
-  def apply(self, variables, images, padding_mask, train=False):
-    del images, padding_mask, train
-    return {"pred_logits": variables["params"]["logits"],
-            "pred_boxes": variables["params"]["boxes"]}
-
-
 @pytest.mark.parametrize("category_ids,use_mesh", [("raw", True), ("contiguous", False)])
 def test_evaluate_perfect_predictions_on_tfds(tmp_path, category_ids, use_mesh):
   """The batch's own targets as predictions: AP 1 and every hand-computed GT box in the results
@@ -71,16 +63,10 @@ def test_evaluate_perfect_predictions_on_tfds(tmp_path, category_ids, use_mesh):
     batches = list(data_lib.make_eval_batches(config))
     assert len(batches) == 1 and batches[0]["valid"].sum() == len(tfds_coco_mock.VALIDATION)
     batch = batches[0]
-    q, c = config.model.num_queries, config.model.num_classes
-    logits = np.full((8, q, c), -10.0, np.float32)
-    boxes = np.full((8, q, 4), 0.5, np.float32)
-    for i in range(8):
-      for j in np.flatnonzero(batch["box_mask"][i]):
-        logits[i, j, batch["labels"][i, j]] = 10.0
-        boxes[i, j] = batch["boxes"][i, j]
+    params = oracle_model.perfect_predictions(batch, config.model.num_queries,
+                                              config.model.num_classes)
     mesh = Mesh(np.array(jax.devices()), ("data",)) if use_mesh else None
-    params = {"logits": jnp.asarray(logits), "boxes": jnp.asarray(boxes)}
-    metrics = evaluator.evaluate(_OracleModel(), params, config, mesh=mesh,
+    metrics = evaluator.evaluate(oracle_model.OracleModel(), params, config, mesh=mesh,
                                  workdir=str(tmp_path))
   for name in ("AP", "AP50", "AP75", "AR100"):
     assert metrics[name] == pytest.approx(1.0, abs=1e-6), name
@@ -99,7 +85,7 @@ def test_missing_tfds_dataset_names_it_and_the_data_dir(tmp_path):
   config = _tfds_config()
   config.data.tfds_data_dir = str(tmp_path / "tfds_data")
   with pytest.raises(FileNotFoundError) as error:
-    evaluator.evaluate(_OracleModel(), {}, config)
+    evaluator.evaluate(oracle_model.OracleModel(), {}, config)
   message = str(error.value)
   assert "'coco/2017'" in message and repr(str(tmp_path / "tfds_data")) in message
   assert "tfds build" in message

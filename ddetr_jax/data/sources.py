@@ -46,6 +46,14 @@ def _coco_folder_source(ann_file: str, image_dir: str, category_ids: str):
   return coco_folder.CocoFolderSource(ann_file, image_dir, category_ids)
 
 
+def tfds_split_source(data_config, split: str, decode_images: bool = True):
+  """The TfdsSource of split 'train' or 'val' (`data.train_split` / `data.val_split`)."""
+  from ddetr_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
+  tfds_split = data_config.train_split if _split_key(split) == "train" else data_config.val_split
+  return tfds_source.TfdsSource(data_config.tfds_name, tfds_split, data_config.tfds_data_dir,
+                                data_config.category_ids, decode_images=decode_images)
+
+
 def build_source(data_config, split: str, num_classes: int | None = None):
   """A random-access source (len, getitem -> record dict; see coco_folder.py for the keys).
 
@@ -60,10 +68,7 @@ def build_source(data_config, split: str, num_classes: int | None = None):
     source = _coco_folder_source(ann_file, image_dir, data_config.category_ids)
     where = repr(ann_file)
   elif data_config.source == "tfds":
-    from ddetr_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
-    tfds_split = data_config.train_split if _split_key(split) == "train" else data_config.val_split
-    source = tfds_source.TfdsSource(data_config.tfds_name, tfds_split,
-                                    data_config.tfds_data_dir, data_config.category_ids)
+    source = tfds_split_source(data_config, split)
     where = f"TFDS {data_config.tfds_name!r}"
   else:
     raise ValueError(f"unknown data.source {data_config.source!r}; expected one of {SOURCES}")
@@ -117,10 +122,7 @@ def coco_ground_truth(data_config, split: str = "val") -> COCO:
     return coco_folder.load_coco(ann_file)
   if data_config.source != "tfds":
     raise ValueError(f"unknown data.source {data_config.source!r}; expected one of {SOURCES}")
-  from ddetr_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
-  tfds_split = data_config.train_split if _split_key(split) == "train" else data_config.val_split
-  source = tfds_source.TfdsSource(data_config.tfds_name, tfds_split, data_config.tfds_data_dir,
-                                  data_config.category_ids, decode_images=False)
+  source = tfds_split_source(data_config, split, decode_images=False)
   images, annotations = [], []
   for index in range(len(source)):
     record = source[index]

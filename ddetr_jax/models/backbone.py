@@ -66,7 +66,7 @@ def _norm(kind: str, features: int, name: str, dtype: Any, zero_init: bool = Fal
     return nn.GroupNorm(num_groups=min(32, features), epsilon=1e-5, dtype=dtype,
                         scale_init=nn.initializers.zeros if zero_init else nn.initializers.ones,
                         name=name.replace("bn", "gn"))
-  raise ValueError(f"backbone norm must be one of {NORMS}, got {kind!r}")
+  raise ValueError(f"backbone_norm must be one of {NORMS}, got {kind!r}")
 
 
 def _conv(features: int, kernel: int, stride: int, dilation: int, dtype: Any, name: str) -> nn.Conv:
@@ -147,8 +147,6 @@ class ResNet(nn.Module):
     """images: [B, H, W, 3] -> list of [B, H_l, W_l, C_l] for each layer in `return_layers`."""
     if self.depth not in RESNET_LAYOUTS:
       raise ValueError(f"backbone_depth must be one of {sorted(RESNET_LAYOUTS)}, got {self.depth}")
-    if self.norm not in NORMS:
-      raise ValueError(f"backbone_norm must be one of {NORMS}, got {self.norm!r}")
     kind, blocks = RESNET_LAYOUTS[self.depth]
     block_cls = Bottleneck if kind == "bottleneck" else BasicBlock
     expansion = 4 if kind == "bottleneck" else 1
