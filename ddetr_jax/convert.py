@@ -292,6 +292,10 @@ def params_from_state_dict(state_dict: Mapping[str, Any], config, init_params: O
   if norm != "frozen_bn":
     raise CheckpointError(f"PyTorch checkpoints hold frozen BatchNorm backbones; "
                           f"config.model.backbone_norm={norm!r} cannot load them (use 'frozen_bn')")
+  width = config.model.get("backbone_width", 64)
+  if width != 64:
+    raise CheckpointError(f"PyTorch checkpoints hold torchvision ResNets of width 64; "
+                          f"config.model.backbone_width={width!r} cannot load them (use 64)")
   state_dict, layout = to_official_names(to_numpy_state_dict(state_dict))
   expected = expected_param_shapes(config)
   flat_expected = {tuple(str(k.key) for k in path): leaf.shape

@@ -28,16 +28,22 @@ RESNET_LAYOUTS = {
     50: ("bottleneck", (3, 4, 6, 3)),
     101: ("bottleneck", (3, 4, 23, 3)),
 }
-_STAGE_WIDTHS = (64, 128, 256, 512)
 NORMS = ("frozen_bn", "group")
+TORCHVISION_WIDTH = 64   # channels of the stem and layer1 in every torchvision ResNet.
 
 
-def stage_channels(depth: int) -> tuple[int, int, int, int]:
-  """Output channels of layer1..layer4 for a ResNet depth."""
+def _check_width(width: int):
+  if not isinstance(width, int) or width < 8 or width % 8:
+    raise ValueError(f"backbone_width must be a positive multiple of 8, got {width!r}")
+
+
+def stage_channels(depth: int, width: int = TORCHVISION_WIDTH) -> tuple[int, int, int, int]:
+  """Output channels of layer1..layer4 for a ResNet depth and stem width (64 = torchvision)."""
   if depth not in RESNET_LAYOUTS:
     raise ValueError(f"backbone_depth must be one of {sorted(RESNET_LAYOUTS)}, got {depth}")
+  _check_width(width)
   expansion = 4 if RESNET_LAYOUTS[depth][0] == "bottleneck" else 1
-  return tuple(w * expansion for w in _STAGE_WIDTHS)
+  return tuple(width * 2 ** stage * expansion for stage in range(4))
 
 
 class FrozenBatchNorm(nn.Module):
@@ -135,12 +141,16 @@ class ResNet(nn.Module):
     return_layers: which of layer1..4 to return (1-based), e.g. (2, 3, 4) or (4,).
     norm: "frozen_bn" (official, loads torchvision weights) or "group" (trainable GroupNorm,
       for training from scratch; see the module docstring).
+    width: channels of the stem and layer1; stage s (0-based) has width * 2**s planes. 64 is
+      torchvision's (the only width its checkpoints fit); smaller widths give a cheaper
+      backbone for training from scratch on small images (the CPU shapes demo uses 32).
   """
   depth: int = 50
   dilation: bool = False
   return_layers: Sequence[int] = (2, 3, 4)
   dtype: Any = jnp.float32
   norm: str = "frozen_bn"
+  width: int = TORCHVISION_WIDTH
 
   @nn.compact
   def __call__(self, images: jax.Array) -> list[jax.Array]:
@@ -148,15 +158,18 @@ class ResNet(nn.Module):
     if self.depth not in RESNET_LAYOUTS:
       raise ValueError(f"backbone_depth must be one of {sorted(RESNET_LAYOUTS)}, got {self.depth}")
     kind, blocks = RESNET_LAYOUTS[self.depth]
+    _check_width(self.width)
+    stem = self.width
     block_cls = Bottleneck if kind == "bottleneck" else BasicBlock
     expansion = 4 if kind == "bottleneck" else 1
     x = images.astype(self.dtype)
-    x = nn.Conv(64, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), use_bias=False, dtype=self.dtype,
+    x = nn.Conv(stem, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), use_bias=False, dtype=self.dtype,
                 kernel_init=initializers.kaiming_normal_fan_out(), name="conv1")(x)
-    x = nn.relu(_norm(self.norm, 64, "bn1", self.dtype)(x))
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # [B, H/4, W/4, 64]
-    in_channels, current_dilation, outputs = 64, 1, []
-    for stage, (planes, num_blocks) in enumerate(zip(_STAGE_WIDTHS, blocks)):
+    x = nn.relu(_norm(self.norm, stem, "bn1", self.dtype)(x))
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # [B, H/4, W/4, stem]
+    in_channels, current_dilation, outputs = stem, 1, []
+    for stage, num_blocks in enumerate(blocks):
+      planes = stem * 2 ** stage
       stride = 1 if stage == 0 else 2
       previous_dilation = current_dilation
       if stage == 3 and self.dilation:

@@ -77,6 +77,7 @@ class DeformableDETR(nn.Module):
   """
   backbone_depth: int = 50
   backbone_norm: str = "frozen_bn"
+  backbone_width: int = 64
   dilation: bool = False
   num_feature_levels: int = 4
   hidden_dim: int = 256
@@ -164,7 +165,8 @@ class DeformableDETR(nn.Module):
     c = self.hidden_dim
     multi_scale = self.num_feature_levels > 1
     features = ResNet(self.backbone_depth, self.dilation, (2, 3, 4) if multi_scale else (4,),
-                      dtype=dtype, norm=self.backbone_norm, name="backbone")(images)
+                      dtype=dtype, norm=self.backbone_norm, width=self.backbone_width,
+                      name="backbone")(images)
 
     srcs, masks = [], []
     for lvl, feature in enumerate(features[:self.num_feature_levels]):
