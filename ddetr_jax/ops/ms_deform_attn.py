@@ -12,13 +12,14 @@ that falls outside the map contributes zero. This is the same function as the of
 
 Implementation ("xla"): for every level (a short Python loop; levels have different static
 shapes) and each of the four bilinear corners, one batched row gather
-`value_l[b, (y * W + x) * M + m, :]` fetches (B, Q, M, P, D) rows (the level's slice of `value`
-reshaped to (B, H*W*M, D): value's own layout, no transpose), which are weighted by
-`attention * bilinear * in_bounds`, summed over the corners and then over P into a
-(B, Q, M, D) float32 accumulator. Two details keep XLA:CPU's fused loop fast (each measured 2-5x
-on the whole forward): the sum over P is an unrolled sum of slices, not a reduction, and the
-accumulator is the root of its own fusion (`_materialize`), so the innermost loop runs over D
-with each gather index computed once per row. The gather keeps batch as a gather batch dimension (`vmap` over B), so an array
+`table[b, (start_l + y * W + x) * M + m, :]` fetches (B, Q, M, P, D) rows (`value` reshaped to
+one (B, S*M, D) table: value's own layout, no transpose and no per-level copies), which are
+weighted by `attention * bilinear * in_bounds`, summed over the corners and then over P into a
+(B, Q, M, D) float32 accumulator. Two details keep XLA:CPU's fused loop fast (each measured
+2-5x on the whole forward): the sum over P is an unrolled sum of slices, not a reduction, and
+the accumulator is the root of its own fusion (`_materialize`), so the innermost loop runs over
+D with each gather index computed once per row. The gather keeps batch as a gather batch
+dimension (`vmap` over B), so an array
 sharded along batch stays sharded: no device ever needs another device's value map.
 
 Why a `custom_vjp` rather than plain autodiff: autodiff of the forward would save every
@@ -27,7 +28,8 @@ gathered (B, Q, M, P, D) corner block of every level as a residual for the backw
 encoder, against 64 MB of inputs and outputs). The custom backward saves only the inputs and
 recomputes the gathers level by level: the same four gathers give the attention-weight and
 location gradients (through the analytic derivative of the bilinear weights) and one
-scatter-add per corner gives the value gradient. Peak temporary memory is then a few
+scatter-add per corner, all into one (B, S*M, D) buffer updated in place, gives the value
+gradient. Peak temporary memory is then a few
 (B, Q, M, P, D) blocks instead of 4 * L * P of them, and the backward costs about two forward
 passes. Gradients follow `grid_sample`'s conventions exactly (the floor is treated as constant;
 an out-of-bounds corner contributes neither value nor gradient).
@@ -199,18 +201,16 @@ def _head_offsets(m: int, hw: int) -> jax.Array:
   return (jnp.arange(m, dtype=jnp.int32) * hw)[None, None, :, None]  # [1, 1, M, 1]
 
 
-def _pixel_major_levels(value: jax.Array, spatial_shapes: SpatialShapes) -> list[jax.Array]:
-  """value (B, S, M, D) -> per level (B, H*W*M, D), row = pixel * M + head: a free reshape of
-  value's own layout (no transpose)."""
-  b, _, m, d = value.shape
-  starts = level_start_index(spatial_shapes)
-  return [value[:, s:s + h * w].reshape(b, h * w * m, d)
-          for s, (h, w) in zip(starts, spatial_shapes)]
+def _pixel_major_table(value: jax.Array) -> list[jax.Array]:
+  """value (B, S, M, D) -> [(B, S*M, D)], row = (level start + pixel) * M + head: a free reshape
+  of value's own layout (no transpose, and no per-level slice copies)."""
+  b, s, m, d = value.shape
+  return [value.reshape(b, s * m, d)]
 
 
-def _pixel_major_rows(idx: jax.Array, m: int) -> jax.Array:
-  """Pixel index (B, q, M, P) -> row of `_pixel_major_levels`."""
-  return idx * m + jnp.arange(m, dtype=jnp.int32)[None, None, :, None]
+def _pixel_major_rows(idx: jax.Array, m: int, start: int) -> jax.Array:
+  """Pixel index (B, q, M, P) within a level starting at pixel `start` -> row of the table."""
+  return (idx + start) * m + jnp.arange(m, dtype=jnp.int32)[None, None, :, None]
 
 
 def _pack_level(value_l: jax.Array, h: int, w: int) -> jax.Array:
@@ -255,11 +255,11 @@ def _packed_corners(loc: jax.Array, h: int, w: int):
 
 
 def _prepare_levels(value: jax.Array, spatial_shapes: SpatialShapes, packed: bool):
-  """Per level value rows: packed (B, M*(H+1)*(W+1), 4D), else pixel-major (B, HW*M, D)."""
+  """Value rows: per level packed (B, M*(H+1)*(W+1), 4D), else one pixel-major (B, S*M, D) table."""
   if packed:
     return [_pack_level(v, h, w)
             for v, (h, w) in zip(_split_levels(value, spatial_shapes), spatial_shapes)]
-  return _pixel_major_levels(value, spatial_shapes)
+  return _pixel_major_table(value)
 
 
 def _forward_chunk_packed(levels, spatial_shapes, loc, attn):
@@ -295,14 +295,15 @@ def _backward_chunk_packed(levels, spatial_shapes, loc, attn, g):
 
 
 def _forward_chunk(levels, spatial_shapes, loc, attn):
-  """levels: per level (B, HW*M, D); loc (B, q, M, L, P, 2); attn (B, q, M, L, P) -> (B, q, M, D)."""
+  """levels: [(B, S*M, D) table]; loc (B, q, M, L, P, 2); attn (B, q, M, L, P) -> (B, q, M, D)."""
+  (table,) = levels
   b, q, m = loc.shape[:3]
-  d = levels[0].shape[-1]
+  d = table.shape[-1]
   acc = jnp.zeros((b, q, m, d), loc.dtype)
-  for lvl, (value_l, (h, w)) in enumerate(zip(levels, spatial_shapes)):
+  for lvl, (start, (h, w)) in enumerate(zip(level_start_index(spatial_shapes), spatial_shapes)):
     a_l = attn[:, :, :, lvl]  # [B, q, M, P]
     weighted = sum((a_l * wgt)[..., None]
-                   * _gather_rows(value_l, _pixel_major_rows(idx, m)).astype(loc.dtype)
+                   * _gather_rows(table, _pixel_major_rows(idx, m, start)).astype(loc.dtype)
                    for idx, wgt, _, _ in _corners(loc[:, :, :, lvl], h, w))  # [B, q, M, P, D]
     acc = acc + _sum_points(weighted)
   return _materialize(acc)
@@ -338,31 +339,31 @@ def _sum_points(x: jax.Array) -> jax.Array:
 def _backward_chunk(levels, spatial_shapes, loc, attn, g):
   """Gradients of one query chunk; g (B, q, M, D).
 
-  Returns (per level (B, HW*M, D) value gradients, (B, q, M, L, P, 2), (B, q, M, L, P)).
+  Returns ([(B, S*M, D) value-gradient table], (B, q, M, L, P, 2), (B, q, M, L, P)).
   """
+  (table,) = levels
   m = loc.shape[2]
-  grad_levels, grad_locs, grad_attns = [], [], []
-  for lvl, (value_l, (h, w)) in enumerate(zip(levels, spatial_shapes)):
+  grad_table = jnp.zeros(table.shape, loc.dtype)
+  grad_locs, grad_attns = [], []
+  for lvl, (start, (h, w)) in enumerate(zip(level_start_index(spatial_shapes), spatial_shapes)):
     a_l = attn[:, :, :, lvl]  # [B, q, M, P]
     grad_a = jnp.zeros_like(a_l)
     grad_x = jnp.zeros_like(a_l)
     grad_y = jnp.zeros_like(a_l)
-    grad_v = jnp.zeros(value_l.shape, loc.dtype)
     for idx, wgt, dwx, dwy in _corners(loc[:, :, :, lvl], h, w):
-      idx = _pixel_major_rows(idx, m)
-      rows = _gather_rows(value_l, idx).astype(loc.dtype)  # [B, q, M, P, D]
+      idx = _pixel_major_rows(idx, m, start)
+      rows = _gather_rows(table, idx).astype(loc.dtype)  # [B, q, M, P, D]
       g_dot_v = jnp.einsum("bqmd,bqmpd->bqmp", g, rows)              # [B, q, M, P]
       grad_a = grad_a + wgt * g_dot_v
       grad_x = grad_x + dwx * g_dot_v
       grad_y = grad_y + dwy * g_dot_v
       contrib = (a_l * wgt)[..., None] * g[:, :, :, None, :]         # [B, q, M, P, D]
-      grad_v = _scatter_add_rows(grad_v, idx, contrib)
+      grad_table = _scatter_add_rows(grad_table, idx, contrib)
     grad_attns.append(grad_a)
     # d x / d loc_x = W and d y / d loc_y = H. A clipped coordinate has no in-bounds corner,
     # so its weight derivatives are zero already.
     grad_locs.append(jnp.stack([grad_x * a_l * w, grad_y * a_l * h], axis=-1))
-    grad_levels.append(grad_v)
-  return grad_levels, jnp.stack(grad_locs, axis=3), jnp.stack(grad_attns, axis=3)
+  return [grad_table], jnp.stack(grad_locs, axis=3), jnp.stack(grad_attns, axis=3)
 
 
 # Queries are processed in chunks of this many (a sequential loop), so the gathered
@@ -434,9 +435,9 @@ def _bwd(spatial_shapes, packed, residuals, g):
   if packed:
     grad_levels = [jnp.swapaxes(_unpack_level_grad(gp, h, w).reshape(b, m, h * w, d), 1, 2)
                    for gp, (h, w) in zip(grad_levels, spatial_shapes)]
+    grad_value = jnp.concatenate(grad_levels, axis=1)  # [B, S, M, D]
   else:
-    grad_levels = [gv.reshape(b, h * w, m, d) for gv, (h, w) in zip(grad_levels, spatial_shapes)]
-  grad_value = jnp.concatenate(grad_levels, axis=1)  # [B, S, M, D]
+    grad_value = grad_levels[0].reshape(value.shape)  # [B, S, M, D]
   return (grad_value.astype(value.dtype), grad_loc.astype(sampling_locations.dtype),
           grad_attn.astype(attention_weights.dtype))
 
