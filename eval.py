@@ -45,6 +45,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.getLogger().setLevel(logging.INFO)
+  from ddetr_jax import host_malloc  # pylint: disable=g-import-not-at-top
+  host_malloc.tune()  # before JAX allocates: large XLA:CPU buffers stay mapped between steps.
   import jax  # pylint: disable=g-import-not-at-top
   if FLAGS.coordinator_address:
     jax.distributed.initialize(FLAGS.coordinator_address, num_processes=FLAGS.num_processes,

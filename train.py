@@ -35,6 +35,8 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (wi
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from ddetr_jax import host_malloc  # pylint: disable=g-import-not-at-top
+  host_malloc.tune()  # before JAX allocates: large XLA:CPU buffers stay mapped between steps.
   import jax  # pylint: disable=g-import-not-at-top
   if _COORDINATOR.value:
     jax.distributed.initialize(_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,

@@ -18,7 +18,7 @@ Analytic floor per shape (independent of the implementation):
 "GB/s" is floor bytes / measured time: compare with the device's memory bandwidth (a time within
 3x of the bandwidth floor means GB/s >= bandwidth / 3).
 
-  python benchmarks/msda.py [--repeats 5] [--impls xla,xla_packed] [--batches 1,2]
+  python benchmarks/msda.py [--repeats 5] [--impls xla,xla_packed] [--batches 1,2] [--malloc tuned]
                             [--dtypes fp32,bf16] [--image 800x1066] [--no_torch]
 """
 from __future__ import annotations
@@ -38,6 +38,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from ddetr_jax import host_malloc  # noqa: E402
 from ddetr_jax.ops.ms_deform_attn import ms_deform_attn  # noqa: E402
 from tests.msda_reference import ms_deform_attn_torch  # noqa: E402
 
@@ -131,7 +132,12 @@ def main(argv=None) -> None:
   parser.add_argument("--dtypes", default="fp32", help="comma-separated: fp32,bf16")
   parser.add_argument("--image", default="800x1066", help="HxW of the input image")
   parser.add_argument("--no_torch", action="store_true", help="skip the torch CPU column")
+  parser.add_argument("--malloc", default="tuned", choices=("tuned", "default"),
+                      help="tuned: ddetr_jax.host_malloc.tune() as train.py does; default: "
+                           "glibc's defaults (both columns share the setting)")
   args = parser.parse_args(argv)
+  # Both columns run in this process, so JAX and torch always see the same allocator.
+  malloc_tuned = args.malloc == "tuned" and host_malloc.tune()
   global LEVELS
   LEVELS = image_levels(*(int(x) for x in args.image.split("x")))
   threads = os.cpu_count() or 1
@@ -141,7 +147,8 @@ def main(argv=None) -> None:
   print(f"machine: {platform.machine()} {platform.processor() or ''} {threads} cores, "
         f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "
         f"({torch.get_num_threads()} threads); median of {args.repeats}; image {args.image}, "
-        f"levels {LEVELS}\n")
+        f"levels {LEVELS}; glibc malloc "
+        f"{'tuned (ddetr_jax.host_malloc)' if malloc_tuned else 'left at its defaults'}\n")
   header = ("| shape | B | dtype | pass | impl | JAX ms | torch ms | JAX/torch | JAX temp MB "
             "| floor MB | floor GFLOP | GB/s at floor | temp/floor |")
   print(header)

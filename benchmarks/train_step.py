@@ -186,11 +186,14 @@ def main():
   parser.add_argument("--matcher", default="hungarian",
                       help="JAX matcher: hungarian (in-graph) or scipy (host, like HF's)")
   args = parser.parse_args()
+  from ddetr_jax import host_malloc  # pylint: disable=g-import-not-at-top
+  malloc_tuned = host_malloc.tune()  # JAX and HF run in this process: same allocator for both.
   import jax  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}; torch {torch.__version__} "
         f"with {torch.get_num_threads()} threads; batch {args.batch}, {args.size}x{args.size} px, "
-        f"{args.steps} timed steps; JAX matcher {args.matcher}")
+        f"{args.steps} timed steps; JAX matcher {args.matcher}; glibc malloc "
+        f"{'tuned (ddetr_jax.host_malloc)' if malloc_tuned else 'left at its defaults'}")
   print(f"{'config':8s} {'jax compile s':>14s} {'jax s/step':>11s} {'hf s/step':>10s} "
         f"{'jax/hf':>7s} {'jax backbone s':>15s} {'hf backbone s':>14s}")
   nan = float("nan")

@@ -6,7 +6,8 @@ as a COCO folder, so training and COCO evaluation run exactly as on real data, o
 
 The recipe was picked by measuring COCO AP after 600 steps (README, "The demo"): the two-stage
 variant, training the stem and layer1 of the from-scratch ResNet-18, and no random crops each
-helped; a higher or lower learning rate, a GroupNorm backbone and batch 4 did not.
+helped; a higher or lower learning rate, a GroupNorm backbone and batch 4 did not. One fixed
+training scale (128) instead of (96, 112, 128) measured AP 0.376 against 0.350 after 8 epochs.
 """
 from configs import deformable_detr
 
@@ -32,7 +33,7 @@ def get_config(variant: str = "two_stage"):
   d.cache_dir = ""                 # "" = ~/.cache/ddetr_jax
   d.shapes.update(dict(num_train=1500, num_val=160, image_size=128, seed=0,
                        min_objects=0, max_objects=4))
-  d.train_scales = (96, 112, 128)
+  d.train_scales = (128,)          # one scale: learns faster in a short run than (96, 112, 128).
   d.train_max_size = 128
   d.crop_resize_scales = (96, 112, 128)
   d.crop_min_size = 64
@@ -49,9 +50,9 @@ def get_config(variant: str = "two_stage"):
   config.optim.lr = 5e-4
   config.optim.lr_backbone = 5e-4
   config.optim.freeze_stem = False
-  config.optim.lr_drop = 7
+  config.optim.lr_drop = 8
   config.train.global_batch_size = 8
-  config.train.epochs = 8          # 8 x 187 = 1496 steps (1500 / 8 = 187 full batches an epoch)
+  config.train.epochs = 9          # 9 x 187 = 1683 steps (1500 / 8 = 187 full batches an epoch)
   config.train.log_every = 25
   config.train.checkpoint_every = 200
   config.eval.batch_size = 16

@@ -184,11 +184,6 @@ def _scatter_add_rows(buf: jax.Array, idx: jax.Array, rows: jax.Array) -> jax.Ar
   return jax.vmap(one)(buf, idx, rows)
 
 
-def _scatter_rows(idx: jax.Array, rows: jax.Array, size: int) -> jax.Array:
-  """Adjoint of `_gather_rows`: idx (B, Q, M, P), rows (B, Q, M, P, D) -> (B, size, D)."""
-  return _scatter_add_rows(jnp.zeros((idx.shape[0], size, rows.shape[-1]), rows.dtype), idx, rows)
-
-
 def _split_levels(value: jax.Array, spatial_shapes: SpatialShapes) -> list[jax.Array]:
   """value (B, S, M, D) -> per level (B, M*H*W, D), head-major rows (the packed layout's input)."""
   b, _, m, d = value.shape
@@ -275,11 +270,13 @@ def _forward_chunk_packed(levels, spatial_shapes, loc, attn):
   return acc
 
 
-def _backward_chunk_packed(levels, spatial_shapes, loc, attn, g):
+def _backward_chunk_packed(levels, spatial_shapes, loc, attn, g, grad_init=None):
   """As `_backward_chunk` on packed levels; value gradients come back packed."""
   m = loc.shape[2]
+  if grad_init is None:
+    grad_init = [jnp.zeros(v.shape, loc.dtype) for v in levels]
   grad_levels, grad_locs, grad_attns = [], [], []
-  for lvl, (packed_l, (h, w)) in enumerate(zip(levels, spatial_shapes)):
+  for lvl, (packed_l, grad_l, (h, w)) in enumerate(zip(levels, grad_init, spatial_shapes)):
     a_l = attn[:, :, :, lvl]                                            # [B, q, M, P]
     idx, wgt, dwx, dwy = _packed_corners(loc[:, :, :, lvl], h, w)
     idx = idx + _head_offsets(m, (h + 1) * (w + 1))
@@ -290,7 +287,7 @@ def _backward_chunk_packed(levels, spatial_shapes, loc, attn, g):
     grad_locs.append(jnp.stack([(dwx * g_dot_v).sum(-1) * a_l * w,
                                 (dwy * g_dot_v).sum(-1) * a_l * h], axis=-1))
     contrib = (a_l[..., None] * wgt)[..., None] * g[:, :, :, None, None, :]
-    grad_levels.append(_scatter_rows(idx, contrib.reshape(*idx.shape, -1), packed_l.shape[1]))
+    grad_levels.append(_scatter_add_rows(grad_l, idx, contrib.reshape(*idx.shape, -1)))
   return grad_levels, jnp.stack(grad_locs, axis=3), jnp.stack(grad_attns, axis=3)
 
 
@@ -336,14 +333,18 @@ def _sum_points(x: jax.Array) -> jax.Array:
   return functools.reduce(jnp.add, [x[:, :, :, p] for p in range(x.shape[3])])
 
 
-def _backward_chunk(levels, spatial_shapes, loc, attn, g):
+def _backward_chunk(levels, spatial_shapes, loc, attn, g, grad_init=None):
   """Gradients of one query chunk; g (B, q, M, D).
+
+  The value gradient is scattered into `grad_init` ([(B, S*M, D)], the running sum over earlier
+  chunks; zeros when None), so a chunked backward updates one buffer in place instead of
+  zero-filling and adding a full-size gradient per chunk.
 
   Returns ([(B, S*M, D) value-gradient table], (B, q, M, L, P, 2), (B, q, M, L, P)).
   """
   (table,) = levels
   m = loc.shape[2]
-  grad_table = jnp.zeros(table.shape, loc.dtype)
+  grad_table = jnp.zeros(table.shape, loc.dtype) if grad_init is None else grad_init[0]
   grad_locs, grad_attns = [], []
   for lvl, (start, (h, w)) in enumerate(zip(level_start_index(spatial_shapes), spatial_shapes)):
     a_l = attn[:, :, :, lvl]  # [B, q, M, P]
@@ -426,8 +427,8 @@ def _bwd(spatial_shapes, packed, residuals, g):
     grad_levels, grad_loc, grad_attn = chunk_fn(levels, spatial_shapes, loc, attn, g)
   else:
     def step(acc, xs):
-      gl, gloc, gattn = chunk_fn(levels, spatial_shapes, *xs)
-      return [a + x for a, x in zip(acc, gl)], (gloc, gattn)
+      gl, gloc, gattn = chunk_fn(levels, spatial_shapes, *xs, grad_init=acc)
+      return gl, (gloc, gattn)
     init = [jnp.zeros(v.shape, ct) for v in levels]
     grad_levels, (gloc, gattn) = jax.lax.scan(
         step, init, tuple(_chunked(x, QUERY_CHUNK) for x in (loc, attn, g)))

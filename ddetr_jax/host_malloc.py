@@ -1,0 +1,58 @@
+"""glibc malloc settings that keep XLA:CPU's large temporary buffers mapped between calls.
+
+XLA:CPU allocates an executable's temporaries with the C allocator on every call. glibc serves a
+block above `M_MMAP_THRESHOLD` (128 KiB, growing dynamically to at most 32 MiB) with a fresh
+`mmap` and returns it with `munmap` when freed, so each call takes one page fault per 4 KiB page
+of every large buffer, and the kernel zero-fills each page: for the sampler's value gradient at
+an 800x1066 image (18 MB) that is most of the decoder's backward time. Raising the mmap threshold
+serves those blocks from the heap instead, and raising `M_TRIM_THRESHOLD` keeps freed heap memory
+mapped for the next call.
+
+Measured on this project's 2-core CI machine (`benchmarks/msda.py`, decoder Q=300, batch 1,
+forward+backward): 20 ms -> 10 ms. The cost: memory freed by XLA stays in the process (resident
+size stays near its peak) rather than going back to the OS, which is what a training process
+wants anyway.
+
+`tune()` applies the settings through `mallopt` on Linux with glibc and does nothing elsewhere.
+The entry points (`train.py`, `eval.py`, the benchmarks) call it at start-up; set the
+environment variable `DDETR_JAX_KEEP_MALLOC=1` to leave the allocator alone.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import platform
+
+_LOG = logging.getLogger(__name__)
+
+# mallopt parameter numbers from glibc's <malloc.h>.
+_M_TRIM_THRESHOLD = -1
+_M_TOP_PAD = -2
+_M_MMAP_THRESHOLD = -3
+
+MMAP_THRESHOLD = 1 << 30   # blocks up to 1 GiB come from the heap, not from mmap.
+TRIM_THRESHOLD = 1 << 31   # keep up to 2 GiB of freed memory at the top of the heap mapped.
+TOP_PAD = 64 << 20         # grow the heap 64 MiB at a time.
+
+
+def tune() -> bool:
+  """Applies the settings above; returns True when glibc accepted all three."""
+  if os.environ.get("DDETR_JAX_KEEP_MALLOC", "") not in ("", "0"):
+    return False
+  if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    return False
+  try:
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    mallopt = libc.mallopt
+  except (OSError, AttributeError):
+    return False
+  mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+  mallopt.restype = ctypes.c_int
+  ok = all(mallopt(param, value) == 1 for param, value in (
+      (_M_MMAP_THRESHOLD, MMAP_THRESHOLD), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD),
+      (_M_TOP_PAD, TOP_PAD)))
+  if not ok:
+    _LOG.info("glibc mallopt refused a setting; large XLA buffers may be mmap'd per call")
+  return ok
