@@ -1,6 +1,7 @@
 """Train-step speed: ddetr_jax's jitted step vs HF transformers' model + loss + AdamW step.
 
   python benchmarks/train_step.py [--configs tiny,full] [--batch 2] [--size 256] [--steps 5]
+                                 [--malloc tuned|default]
 
 For each config: JAX compile time of the train step (trainer.make_train_step, 1-device mesh) and
 seconds per step after compilation, and HF `DeformableDetrForObjectDetection` (randomly
@@ -185,9 +186,13 @@ def main():
   parser.add_argument("--skip_hf", action="store_true")
   parser.add_argument("--matcher", default="hungarian",
                       help="JAX matcher: hungarian (in-graph) or scipy (host, like HF's)")
+  parser.add_argument("--malloc", default="tuned", choices=("tuned", "default"),
+                      help="tuned: ddetr_jax.host_malloc.tune() as train.py does; default: "
+                           "glibc's defaults (JAX and HF share the setting)")
   args = parser.parse_args()
   from ddetr_jax import host_malloc  # pylint: disable=g-import-not-at-top
-  malloc_tuned = host_malloc.tune()  # JAX and HF run in this process: same allocator for both.
+  # JAX and HF run in this process, so both always see the same allocator.
+  malloc_tuned = args.malloc == "tuned" and host_malloc.tune()
   import jax  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}; torch {torch.__version__} "

@@ -50,9 +50,9 @@ def get_config(variant: str = "two_stage"):
   config.optim.lr = 5e-4
   config.optim.lr_backbone = 5e-4
   config.optim.freeze_stem = False
-  config.optim.lr_drop = 8
+  config.optim.lr_drop = 9
   config.train.global_batch_size = 8
-  config.train.epochs = 9          # 9 x 187 = 1683 steps (1500 / 8 = 187 full batches an epoch)
+  config.train.epochs = 10         # 10 x 187 = 1870 steps (1500 / 8 = 187 full batches an epoch)
   config.train.log_every = 25
   config.train.checkpoint_every = 200
   config.eval.batch_size = 16
