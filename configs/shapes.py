@@ -7,7 +7,8 @@ as a COCO folder, so training and COCO evaluation run exactly as on real data, o
 The recipe was picked by measuring COCO AP after 600 steps (README, "The demo"): the two-stage
 variant, training the stem and layer1 of the from-scratch ResNet-18, and no random crops each
 helped; a higher or lower learning rate, a GroupNorm backbone and batch 4 did not. One fixed
-training scale (128) instead of (96, 112, 128) measured AP 0.376 against 0.350 after 8 epochs.
+training scale (128) instead of (96, 112, 128) measured AP 0.376 against 0.350 after 8 epochs,
+and 2 sampling points instead of 4, 12 epochs in less time than 10 with 4: 0.486 against 0.453.
 """
 from configs import deformable_detr
 
@@ -23,6 +24,8 @@ def get_config(variant: str = "two_stage"):
   m.dec_layers = 2
   m.dim_feedforward = 256
   m.num_queries = 30
+  m.enc_n_points = 2               # 2 sampling points per head and level instead of 4: a 20%
+  m.dec_n_points = 2               # faster step, which buys more epochs in the demo's 15 minutes.
   m.with_box_refine = True         # iterative refinement (two_stage has it anyway)
   m.num_classes = 4                # contiguous labels 0..3 (data.category_ids below).
   m.dropout = 0.0
@@ -50,9 +53,9 @@ def get_config(variant: str = "two_stage"):
   config.optim.lr = 5e-4
   config.optim.lr_backbone = 5e-4
   config.optim.freeze_stem = False
-  config.optim.lr_drop = 9
+  config.optim.lr_drop = 12
   config.train.global_batch_size = 8
-  config.train.epochs = 10         # 10 x 187 = 1870 steps (1500 / 8 = 187 full batches an epoch)
+  config.train.epochs = 13         # 13 x 187 = 2431 steps (1500 / 8 = 187 full batches an epoch)
   config.train.log_every = 25
   config.train.checkpoint_every = 200
   config.eval.batch_size = 16
