@@ -270,11 +270,9 @@ def _forward_chunk_packed(levels, spatial_shapes, loc, attn):
   return acc
 
 
-def _backward_chunk_packed(levels, spatial_shapes, loc, attn, g, grad_init=None):
+def _backward_chunk_packed(levels, spatial_shapes, loc, attn, g, grad_init):
   """As `_backward_chunk` on packed levels; value gradients come back packed."""
   m = loc.shape[2]
-  if grad_init is None:
-    grad_init = [jnp.zeros(v.shape, loc.dtype) for v in levels]
   grad_levels, grad_locs, grad_attns = [], [], []
   for lvl, (packed_l, grad_l, (h, w)) in enumerate(zip(levels, grad_init, spatial_shapes)):
     a_l = attn[:, :, :, lvl]                                            # [B, q, M, P]
@@ -333,18 +331,18 @@ def _sum_points(x: jax.Array) -> jax.Array:
   return functools.reduce(jnp.add, [x[:, :, :, p] for p in range(x.shape[3])])
 
 
-def _backward_chunk(levels, spatial_shapes, loc, attn, g, grad_init=None):
+def _backward_chunk(levels, spatial_shapes, loc, attn, g, grad_init):
   """Gradients of one query chunk; g (B, q, M, D).
 
-  The value gradient is scattered into `grad_init` ([(B, S*M, D)], the running sum over earlier
-  chunks; zeros when None), so a chunked backward updates one buffer in place instead of
+  The value gradient is scattered into `grad_init` ([(B, S*M, D)]: zeros, or the running sum
+  over earlier chunks), so a chunked backward updates one buffer in place instead of
   zero-filling and adding a full-size gradient per chunk.
 
   Returns ([(B, S*M, D) value-gradient table], (B, q, M, L, P, 2), (B, q, M, L, P)).
   """
   (table,) = levels
   m = loc.shape[2]
-  grad_table = jnp.zeros(table.shape, loc.dtype) if grad_init is None else grad_init[0]
+  (grad_table,) = grad_init
   grad_locs, grad_attns = [], []
   for lvl, (start, (h, w)) in enumerate(zip(level_start_index(spatial_shapes), spatial_shapes)):
     a_l = attn[:, :, :, lvl]  # [B, q, M, P]
@@ -423,13 +421,13 @@ def _bwd(spatial_shapes, packed, residuals, g):
   attn = attention_weights.astype(ct)
   levels = _prepare_levels(value, spatial_shapes, packed)
   chunk_fn = _backward_chunk_packed if packed else _backward_chunk
+  init = [jnp.zeros(v.shape, ct) for v in levels]
   if q <= QUERY_CHUNK:
-    grad_levels, grad_loc, grad_attn = chunk_fn(levels, spatial_shapes, loc, attn, g)
+    grad_levels, grad_loc, grad_attn = chunk_fn(levels, spatial_shapes, loc, attn, g, init)
   else:
     def step(acc, xs):
-      gl, gloc, gattn = chunk_fn(levels, spatial_shapes, *xs, grad_init=acc)
+      gl, gloc, gattn = chunk_fn(levels, spatial_shapes, *xs, acc)
       return gl, (gloc, gattn)
-    init = [jnp.zeros(v.shape, ct) for v in levels]
     grad_levels, (gloc, gattn) = jax.lax.scan(
         step, init, tuple(_chunked(x, QUERY_CHUNK) for x in (loc, attn, g)))
     grad_loc, grad_attn = _unchunked(gloc, q), _unchunked(gattn, q)
