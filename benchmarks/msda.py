@@ -19,6 +19,7 @@ Analytic floor per shape (independent of the implementation):
 3x of the bandwidth floor means GB/s >= bandwidth / 3).
 
   python benchmarks/msda.py [--repeats 5] [--impls xla,xla_packed] [--batches 1,2] [--malloc tuned]
+                            [--locations uniform|local]
                             [--dtypes fp32,bf16] [--image 800x1066] [--no_torch]
 """
 from __future__ import annotations
@@ -85,11 +86,40 @@ def _median_time(fn, repeats: int) -> float:
   return statistics.median(times)
 
 
-def _inputs(batch: int, q: int, seed: int = 0):
+def _reference_points(q: int, rng: np.random.Generator) -> np.ndarray:
+  """(q, 2) normalized (x, y) reference points: for the encoder (q = S) each query's own pixel
+  centre on its level (as the model's encoder does), for the decoder uniform over the image."""
+  if q != sum(h * w for h, w in LEVELS):
+    return rng.uniform(size=(q, 2))
+  refs = []
+  for h, w in LEVELS:
+    ys, xs = np.meshgrid((np.arange(h) + 0.5) / h, (np.arange(w) + 0.5) / w, indexing="ij")
+    refs.append(np.stack([xs.reshape(-1), ys.reshape(-1)], -1))
+  return np.concatenate(refs)
+
+
+def _inputs(batch: int, q: int, seed: int = 0, locations: str = "uniform"):
+  """value (B, S, M, D), sampling_locations (B, Q, M, L, P, 2), attention_weights (B, Q, M, L, P).
+
+  locations="uniform": every sampling location uniform over [0, 1]^2, independent of the query
+  (no locality at all: the worst case for caches). locations="local": as the model samples,
+  reference point + offset / (W_l, H_l), the offset being the official initial pattern (head m
+  looks along angle 2*pi*m/M, point p at distance p + 1 pixels) plus N(0, 2^2) pixels of noise.
+  """
   rng = np.random.default_rng(seed)
   s = sum(h * w for h, w in LEVELS)
   value = rng.normal(size=(batch, s, M, D)).astype(np.float32)
-  loc = rng.uniform(size=(batch, q, M, len(LEVELS), P, 2)).astype(np.float32)
+  if locations == "uniform":
+    loc = rng.uniform(size=(batch, q, M, len(LEVELS), P, 2)).astype(np.float32)
+  elif locations == "local":
+    from ddetr_jax.models.deformable_attention import sampling_offsets_bias  # noqa: E402
+    grid = sampling_offsets_bias(M, len(LEVELS), P).reshape(M, len(LEVELS), P, 2)
+    offsets = grid + rng.normal(scale=2.0, size=(batch, q, M, len(LEVELS), P, 2))
+    sizes = np.array([(w, h) for h, w in LEVELS], np.float64)[:, None, :]  # [L, 1, 2]
+    refs = _reference_points(q, rng)[None, :, None, None, None, :]        # [1, Q, 1, 1, 1, 2]
+    loc = (refs + offsets / sizes).astype(np.float32)
+  else:
+    raise ValueError(f"locations must be 'uniform' or 'local', got {locations!r}")
   attn = rng.uniform(size=(batch, q, M, len(LEVELS), P)).astype(np.float32)
   attn /= attn.sum(axis=(-1, -2), keepdims=True)
   return value, loc, attn
@@ -132,6 +162,10 @@ def main(argv=None) -> None:
   parser.add_argument("--dtypes", default="fp32", help="comma-separated: fp32,bf16")
   parser.add_argument("--image", default="800x1066", help="HxW of the input image")
   parser.add_argument("--no_torch", action="store_true", help="skip the torch CPU column")
+  parser.add_argument("--locations", default="uniform", choices=("uniform", "local"),
+                      help="uniform: locations uniform over the map, no locality (worst case); "
+                           "local: reference point + the official offset pattern + noise, as "
+                           "the model samples")
   parser.add_argument("--malloc", default="tuned", choices=("tuned", "default"),
                       help="tuned: ddetr_jax.host_malloc.tune() as train.py does; default: "
                            "glibc's defaults (both columns share the setting)")
@@ -148,14 +182,15 @@ def main(argv=None) -> None:
         f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "
         f"({torch.get_num_threads()} threads); median of {args.repeats}; image {args.image}, "
         f"levels {LEVELS}; glibc malloc "
-        f"{'tuned (ddetr_jax.host_malloc)' if malloc_tuned else 'left at its defaults'}\n")
+        f"{'tuned (ddetr_jax.host_malloc)' if malloc_tuned else 'left at its defaults'}; "
+        f"sampling locations {args.locations}\n")
   header = ("| shape | B | dtype | pass | impl | JAX ms | torch ms | JAX/torch | JAX temp MB "
             "| floor MB | floor GFLOP | GB/s at floor | temp/floor |")
   print(header)
   print("|---" * (header.count("|") - 1) + "|")
   for name, q in (("encoder", s), ("decoder", 300)):
     for batch in (int(b) for b in args.batches.split(",")):
-      value, loc, attn = _inputs(batch, q)
+      value, loc, attn = _inputs(batch, q, locations=args.locations)
       for dtype_name in args.dtypes.split(","):
         dtype = DTYPES[dtype_name]
         fb_f, fb_fb, fl_f, fl_fb = analytic_floor(batch, q, s, np.dtype(dtype).itemsize)
