@@ -40,6 +40,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from ddetr_jax import host_malloc  # noqa: E402
+from ddetr_jax.models.deformable_attention import sampling_offsets_bias  # noqa: E402
+from ddetr_jax.models.transformer import encoder_reference_points  # noqa: E402
 from ddetr_jax.ops.ms_deform_attn import ms_deform_attn  # noqa: E402
 from tests.msda_reference import ms_deform_attn_torch  # noqa: E402
 
@@ -88,14 +90,12 @@ def _median_time(fn, repeats: int) -> float:
 
 def _reference_points(q: int, rng: np.random.Generator) -> np.ndarray:
   """(q, 2) normalized (x, y) reference points: for the encoder (q = S) each query's own pixel
-  centre on its level (as the model's encoder does), for the decoder uniform over the image."""
+  centre, the model's `encoder_reference_points` (unpadded images), for the decoder uniform
+  over the image (drawn from rng)."""
   if q != sum(h * w for h, w in LEVELS):
     return rng.uniform(size=(q, 2))
-  refs = []
-  for h, w in LEVELS:
-    ys, xs = np.meshgrid((np.arange(h) + 0.5) / h, (np.arange(w) + 0.5) / w, indexing="ij")
-    refs.append(np.stack([xs.reshape(-1), ys.reshape(-1)], -1))
-  return np.concatenate(refs)
+  refs = encoder_reference_points(LEVELS, jnp.ones((1, len(LEVELS), 2), jnp.float32))
+  return np.asarray(refs[0, :, 0], np.float64)  # [S, 2]: the same on every level when unpadded
 
 
 def _inputs(batch: int, q: int, seed: int = 0, locations: str = "uniform"):
@@ -112,7 +112,6 @@ def _inputs(batch: int, q: int, seed: int = 0, locations: str = "uniform"):
   if locations == "uniform":
     loc = rng.uniform(size=(batch, q, M, len(LEVELS), P, 2)).astype(np.float32)
   elif locations == "local":
-    from ddetr_jax.models.deformable_attention import sampling_offsets_bias  # noqa: E402
     grid = sampling_offsets_bias(M, len(LEVELS), P).reshape(M, len(LEVELS), P, 2)
     offsets = grid + rng.normal(scale=2.0, size=(batch, q, M, len(LEVELS), P, 2))
     sizes = np.array([(w, h) for h, w in LEVELS], np.float64)[:, None, :]  # [L, 1, 2]

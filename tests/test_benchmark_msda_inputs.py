@@ -10,8 +10,8 @@ def small_levels(monkeypatch):
   monkeypatch.setattr(msda, "LEVELS", ((12, 20), (6, 10), (3, 5)))
 
 
-def _pixel_distance(loc, levels):
-  """Per level, |location - reference| in that level's pixels, (B, Q, M, L, P)."""
+def _in_pixels(loc, levels):
+  """Normalized (B, Q, M, L, P, 2) offsets -> the same in each level's pixels."""
   sizes = np.array([(w, h) for h, w in levels], np.float64)  # [L, 2]
   return loc * sizes[:, None, :]
 
@@ -26,7 +26,7 @@ def test_local_encoder_locations_stay_near_each_query_pixel():
   h0, w0 = levels[0]
   np.testing.assert_allclose(refs[0], [0.5 / w0, 0.5 / h0])
   np.testing.assert_allclose(refs[-1], [1 - 0.5 / levels[-1][1], 1 - 0.5 / levels[-1][0]])
-  offsets_px = _pixel_distance(loc - refs[None, :, None, None, None, :], levels)
+  offsets_px = _in_pixels(loc - refs[None, :, None, None, None, :], levels)
   # Official pattern: point p at distance p + 1 (max-norm) along the head's direction, plus
   # N(0, 2^2) pixels of noise (which adds a pixel or so to the mean distance): far from
   # uniform locations, a third of the map away on average.
