@@ -9,6 +9,8 @@ variant, training the stem and layer1 of the from-scratch ResNet-18, and no rand
 helped; a higher or lower learning rate, a GroupNorm backbone and batch 4 did not. One fixed
 training scale (128) instead of (96, 112, 128) measured AP 0.376 against 0.350 after 8 epochs,
 and 2 sampling points instead of 4, 12 epochs in less time than 10 with 4: 0.486 against 0.453.
+At 13 epochs, 1 encoder + 4 decoder layers measured AP50 0.799 against 0.731 with 2 + 2 (the
+extra decoder layers suppress duplicate detections), in a 10% faster step.
 """
 from configs import deformable_detr
 
@@ -20,8 +22,9 @@ def get_config(variant: str = "two_stage"):
   m.backbone_width = 32            # half the torchvision widths: 4x fewer backbone FLOPs.
   m.hidden_dim = 128
   m.nheads = 8
-  m.enc_layers = 2
-  m.dec_layers = 2
+  m.enc_layers = 1                 # 1+4 layers instead of 2+2: the decoder removes duplicate
+  m.dec_layers = 4                 # detections (AP50 0.731 -> 0.799 at 13 epochs), and one
+                                   # encoder layer less pays for it (a 10% faster step).
   m.dim_feedforward = 256
   m.num_queries = 30
   m.enc_n_points = 2               # 2 sampling points per head and level instead of 4: a 20%
@@ -53,9 +56,9 @@ def get_config(variant: str = "two_stage"):
   config.optim.lr = 5e-4
   config.optim.lr_backbone = 5e-4
   config.optim.freeze_stem = False
-  config.optim.lr_drop = 12
+  config.optim.lr_drop = 13
   config.train.global_batch_size = 8
-  config.train.epochs = 13         # 13 x 187 = 2431 steps (1500 / 8 = 187 full batches an epoch)
+  config.train.epochs = 14         # 14 x 187 = 2618 steps (1500 / 8 = 187 full batches an epoch)
   config.train.log_every = 25
   config.train.checkpoint_every = 200
   config.eval.batch_size = 16
