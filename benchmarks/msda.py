@@ -34,12 +34,27 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from ddetr_jax import host_malloc  # noqa: E402
+
+_MALLOC_CHOICES = ("tuned", "default")
+
+
+def _malloc_choice(argv) -> str:
+  """The --malloc value, read before jax and torch are imported (main() checks it again)."""
+  parser = argparse.ArgumentParser(add_help=False)
+  parser.add_argument("--malloc", default="tuned", choices=_MALLOC_CHOICES)
+  return parser.parse_known_args(argv)[0].malloc
+
+
+# Before torch and jax start their threads: glibc keeps the arena a thread already has.
+_MALLOC_TUNED = (__name__ == "__main__" and _malloc_choice(sys.argv[1:]) == "tuned"
+                 and host_malloc.tune())
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from ddetr_jax import host_malloc  # noqa: E402
 from ddetr_jax.models.deformable_attention import sampling_offsets_bias  # noqa: E402
 from ddetr_jax.models.transformer import encoder_reference_points  # noqa: E402
 from ddetr_jax.ops.ms_deform_attn import ms_deform_attn  # noqa: E402
@@ -165,12 +180,12 @@ def main(argv=None) -> None:
                       help="uniform: locations uniform over the map, no locality (worst case); "
                            "local: reference point + the official offset pattern + noise, as "
                            "the model samples")
-  parser.add_argument("--malloc", default="tuned", choices=("tuned", "default"),
+  parser.add_argument("--malloc", default="tuned", choices=_MALLOC_CHOICES,
                       help="tuned: ddetr_jax.host_malloc.tune() as train.py does; default: "
                            "glibc's defaults (both columns share the setting)")
   args = parser.parse_args(argv)
   # Both columns run in this process, so JAX and torch always see the same allocator.
-  malloc_tuned = args.malloc == "tuned" and host_malloc.tune()
+  malloc_tuned = args.malloc == "tuned" and (_MALLOC_TUNED or host_malloc.tune())
   global LEVELS
   LEVELS = image_levels(*(int(x) for x in args.image.split("x")))
   threads = os.cpu_count() or 1

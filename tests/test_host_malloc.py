@@ -49,3 +49,49 @@ def test_tune_serves_large_blocks_from_the_heap():
   tuned, mmapped = _probe({"DDETR_JAX_KEEP_MALLOC": "1"})
   assert not tuned
   assert mmapped >= (64 << 20)
+
+
+# The same probe from a worker thread, as XLA:CPU allocates: glibc gives such a thread an arena
+# of its own unless M_ARENA_MAX keeps every thread in the main arena, and a thread arena maps a
+# 64 MiB block by itself whatever the main arena's thresholds.
+_THREAD_PROBE = r"""
+import ctypes, sys, threading
+sys.path.insert(0, sys.argv[1])
+from ddetr_jax import host_malloc
+tuned = host_malloc.tune()
+class MallInfo2(ctypes.Structure):
+  _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+              "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = (ctypes.c_size_t,)
+libc.free.argtypes = (ctypes.c_void_p,)
+libc.mallinfo2.restype = MallInfo2
+held = []
+def work():
+  for _ in range(2):
+    block = libc.malloc(64 << 20)
+    ctypes.memset(block, 1, 64 << 20)
+    held.append(libc.mallinfo2().hblkhd)
+    libc.free(block)
+for _ in range(2):
+  thread = threading.Thread(target=work)
+  thread.start()
+  thread.join()
+print(tuned, max(held))
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+                    reason="glibc malloc settings apply on Linux with glibc only")
+def test_tune_serves_worker_thread_blocks_from_the_heap():
+  env = dict(os.environ, DDETR_JAX_KEEP_MALLOC="")
+  tuned, mmapped = subprocess.run([sys.executable, "-c", _THREAD_PROBE, REPO], env=env,
+                                  capture_output=True, text=True, check=True).stdout.split()
+  assert tuned == "True"
+  assert int(mmapped) < (64 << 20)
+  env["DDETR_JAX_KEEP_MALLOC"] = "1"
+  tuned, mmapped = subprocess.run([sys.executable, "-c", _THREAD_PROBE, REPO], env=env,
+                                  capture_output=True, text=True, check=True).stdout.split()
+  assert tuned == "False"
+  assert int(mmapped) >= (64 << 20)
