@@ -8,53 +8,10 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Allocates and frees a 64 MiB block twice and prints tune()'s result and how many bytes glibc
-# held in mmap'd blocks while the block was alive (mallinfo2().hblkhd).
+# Allocates and frees a 64 MiB block twice, on the main thread or (argv[2] == "thread") on two
+# worker threads one after the other, as XLA:CPU allocates, and prints tune()'s result and how
+# many bytes glibc held in mmap'd blocks while the block was alive (mallinfo2().hblkhd).
 _PROBE = r"""
-import ctypes, sys
-sys.path.insert(0, sys.argv[1])
-from ddetr_jax import host_malloc
-tuned = host_malloc.tune()
-class MallInfo2(ctypes.Structure):
-  _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
-              "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
-libc = ctypes.CDLL("libc.so.6")
-libc.malloc.restype = ctypes.c_void_p
-libc.free.argtypes = (ctypes.c_void_p,)
-libc.mallinfo2.restype = MallInfo2
-held = []
-for _ in range(2):
-  block = libc.malloc(64 << 20)
-  ctypes.memset(block, 1, 64 << 20)
-  held.append(libc.mallinfo2().hblkhd)
-  libc.free(block)
-print(tuned, max(held))
-"""
-
-
-def _probe(env_extra):
-  env = dict(os.environ, **env_extra)
-  out = subprocess.run([sys.executable, "-c", _PROBE, REPO], env=env, capture_output=True,
-                       text=True, check=True).stdout.split()
-  return out[0] == "True", int(out[1])
-
-
-@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
-                    reason="glibc malloc settings apply on Linux with glibc only")
-def test_tune_serves_large_blocks_from_the_heap():
-  tuned, mmapped = _probe({"DDETR_JAX_KEEP_MALLOC": ""})
-  assert tuned
-  assert mmapped < (64 << 20)  # the 64 MiB block did not get its own mapping.
-  # Control: with the opt-out, glibc's default maps such a block by itself.
-  tuned, mmapped = _probe({"DDETR_JAX_KEEP_MALLOC": "1"})
-  assert not tuned
-  assert mmapped >= (64 << 20)
-
-
-# The same probe from a worker thread, as XLA:CPU allocates: glibc gives such a thread an arena
-# of its own unless M_ARENA_MAX keeps every thread in the main arena, and a thread arena maps a
-# 64 MiB block by itself whatever the main arena's thresholds.
-_THREAD_PROBE = r"""
 import ctypes, sys, threading
 sys.path.insert(0, sys.argv[1])
 from ddetr_jax import host_malloc
@@ -74,24 +31,45 @@ def work():
     ctypes.memset(block, 1, 64 << 20)
     held.append(libc.mallinfo2().hblkhd)
     libc.free(block)
-for _ in range(2):
-  thread = threading.Thread(target=work)
-  thread.start()
-  thread.join()
+if sys.argv[2] == "thread":
+  for _ in range(2):
+    worker = threading.Thread(target=work)
+    worker.start()
+    worker.join()
+else:
+  work()
 print(tuned, max(held))
 """
 
 
+def _probe(env_extra, where="main"):
+  env = dict(os.environ, **env_extra)
+  out = subprocess.run([sys.executable, "-c", _PROBE, REPO, where], env=env, capture_output=True,
+                       text=True, check=True).stdout.split()
+  return out[0] == "True", int(out[1])
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+                    reason="glibc malloc settings apply on Linux with glibc only")
+def test_tune_serves_large_blocks_from_the_heap():
+  tuned, mmapped = _probe({"DDETR_JAX_KEEP_MALLOC": ""})
+  assert tuned
+  assert mmapped < (64 << 20)  # the 64 MiB block did not get its own mapping.
+  # Control: with the opt-out, glibc's default maps such a block by itself.
+  tuned, mmapped = _probe({"DDETR_JAX_KEEP_MALLOC": "1"})
+  assert not tuned
+  assert mmapped >= (64 << 20)
+
+
+
+# XLA:CPU allocates on its worker threads; glibc gives each its own arena (heaps of at most 64
+# MiB, whatever the main arena's thresholds) unless M_ARENA_MAX keeps them in the main one.
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
                     reason="glibc malloc settings apply on Linux with glibc only")
 def test_tune_serves_worker_thread_blocks_from_the_heap():
-  env = dict(os.environ, DDETR_JAX_KEEP_MALLOC="")
-  tuned, mmapped = subprocess.run([sys.executable, "-c", _THREAD_PROBE, REPO], env=env,
-                                  capture_output=True, text=True, check=True).stdout.split()
-  assert tuned == "True"
-  assert int(mmapped) < (64 << 20)
-  env["DDETR_JAX_KEEP_MALLOC"] = "1"
-  tuned, mmapped = subprocess.run([sys.executable, "-c", _THREAD_PROBE, REPO], env=env,
-                                  capture_output=True, text=True, check=True).stdout.split()
-  assert tuned == "False"
-  assert int(mmapped) >= (64 << 20)
+  tuned, mmapped = _probe({"DDETR_JAX_KEEP_MALLOC": ""}, "thread")
+  assert tuned
+  assert mmapped < (64 << 20)
+  tuned, mmapped = _probe({"DDETR_JAX_KEEP_MALLOC": "1"}, "thread")
+  assert not tuned
+  assert mmapped >= (64 << 20)
