@@ -20,8 +20,11 @@ demo still took about 42,000 page faults a step (about 80 ms of kernel time in a
 step) with the thresholds raised. `M_ARENA_MAX` = 1 makes every thread allocate from the main
 arena, where the thresholds hold: 0 page faults a step, and the sampler's decoder
 forward+backward at batch 2 (`benchmarks/msda.py`) went from 53-62 ms to 18.5-19 ms (README,
-"The sampler"). The price is one lock for all threads; the demo's train loop ran at the same
-speed within noise (43.7-44.6 against 39.5-43.1 images/s over 500 steps, two runs each).
+"The sampler"). The price is one lock for all threads: the demo's train loop ran at the same
+speed within noise (43.7-44.6 against 39.5-43.1 images/s over 500 steps, two runs each), but
+the tiny config's train step (`benchmarks/train_step.py`) took 0.26-0.33 s against 0.22-0.26 s
+and compiled in 30-36 s against 20-23 s. So it is opt-in: set the environment variable
+`DDETR_JAX_MALLOC_ARENA_MAX=1` (any N > 0 caps glibc at N arenas); unset, glibc keeps its own.
 
 `tune()` applies the settings through `mallopt` on Linux with glibc and does nothing elsewhere.
 The entry points (`train.py`, `eval.py`, the benchmarks) call it at start-up; set the
@@ -46,16 +49,28 @@ _M_ARENA_MAX = -8
 MMAP_THRESHOLD = 1 << 30   # blocks up to 1 GiB come from the heap, not from mmap.
 TRIM_THRESHOLD = 1 << 31   # keep up to 2 GiB of freed memory at the top of the heap mapped.
 TOP_PAD = 64 << 20         # grow the heap 64 MiB at a time.
-ARENA_MAX = 1              # every thread allocates from the main arena (the settings above).
+ARENA_ENV = "DDETR_JAX_MALLOC_ARENA_MAX"  # opt-in cap on glibc's arenas (1: main arena only).
 
 
 def tune() -> bool:
-  """Applies the settings above; returns True when glibc accepted all four.
+  """Applies the settings above; returns True when glibc accepted all of them.
 
-  Call it before JAX starts its threads: an arena a thread already has stays its own.
+  With DDETR_JAX_MALLOC_ARENA_MAX=N (N > 0) it also caps glibc at N arenas; call it before JAX
+  or torch start their threads then: an arena a thread already has stays its own.
+
+  Raises:
+    ValueError: DDETR_JAX_MALLOC_ARENA_MAX is set but not a positive integer.
   """
   if os.environ.get("DDETR_JAX_KEEP_MALLOC", "") not in ("", "0"):
     return False
+  settings = [(_M_MMAP_THRESHOLD, MMAP_THRESHOLD), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD),
+              (_M_TOP_PAD, TOP_PAD)]
+  arenas = os.environ.get(ARENA_ENV, "").strip()
+  if arenas:
+    if not arenas.isdigit() or int(arenas) < 1:
+      raise ValueError(f"{ARENA_ENV} must be a positive integer (1: every thread allocates from "
+                       f"the main arena), got {arenas!r}")
+    settings.append((_M_ARENA_MAX, int(arenas)))
   if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
     return False
   try:
@@ -65,9 +80,7 @@ def tune() -> bool:
     return False
   mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
   mallopt.restype = ctypes.c_int
-  ok = all(mallopt(param, value) == 1 for param, value in (
-      (_M_MMAP_THRESHOLD, MMAP_THRESHOLD), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD),
-      (_M_TOP_PAD, TOP_PAD), (_M_ARENA_MAX, ARENA_MAX)))
+  ok = all(mallopt(param, value) == 1 for param, value in settings)
   if not ok:
     _LOG.info("glibc mallopt refused a setting; large XLA buffers may be mmap'd per call")
   return ok

@@ -63,13 +63,25 @@ def test_tune_serves_large_blocks_from_the_heap():
 
 
 # XLA:CPU allocates on its worker threads; glibc gives each its own arena (heaps of at most 64
-# MiB, whatever the main arena's thresholds) unless M_ARENA_MAX keeps them in the main one.
+# MiB, whatever the main arena's thresholds) unless M_ARENA_MAX keeps them in the main one,
+# which DDETR_JAX_MALLOC_ARENA_MAX=1 opts into.
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
                     reason="glibc malloc settings apply on Linux with glibc only")
-def test_tune_serves_worker_thread_blocks_from_the_heap():
-  tuned, mmapped = _probe({"DDETR_JAX_KEEP_MALLOC": ""}, "thread")
+def test_one_arena_serves_worker_thread_blocks_from_the_heap():
+  tuned, mmapped = _probe({"DDETR_JAX_KEEP_MALLOC": "", "DDETR_JAX_MALLOC_ARENA_MAX": "1"},
+                          "thread")
   assert tuned
   assert mmapped < (64 << 20)
-  tuned, mmapped = _probe({"DDETR_JAX_KEEP_MALLOC": "1"}, "thread")
-  assert not tuned
+  # Without the cap (the default), a worker thread's arena maps the block by itself.
+  tuned, mmapped = _probe({"DDETR_JAX_KEEP_MALLOC": "", "DDETR_JAX_MALLOC_ARENA_MAX": ""},
+                          "thread")
+  assert tuned
   assert mmapped >= (64 << 20)
+
+
+def test_bad_arena_cap_is_an_error_naming_the_variable(monkeypatch):
+  from ddetr_jax import host_malloc  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv("DDETR_JAX_KEEP_MALLOC", "")
+  monkeypatch.setenv("DDETR_JAX_MALLOC_ARENA_MAX", "zero")
+  with pytest.raises(ValueError, match="DDETR_JAX_MALLOC_ARENA_MAX.*'zero'"):
+    host_malloc.tune()
