@@ -7,6 +7,9 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_GLIBC_ONLY = pytest.mark.skipif(
+    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+    reason="glibc malloc settings apply on Linux with glibc only")
 
 # Allocates and frees a 64 MiB block twice, on the main thread or (argv[2] == "thread") on two
 # worker threads one after the other, as XLA:CPU allocates, and prints tune()'s result and how
@@ -49,8 +52,7 @@ def _probe(env_extra, where="main"):
   return out[0] == "True", int(out[1])
 
 
-@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
-                    reason="glibc malloc settings apply on Linux with glibc only")
+@_GLIBC_ONLY
 def test_tune_serves_large_blocks_from_the_heap():
   tuned, mmapped = _probe({"DDETR_JAX_KEEP_MALLOC": ""})
   assert tuned
@@ -61,12 +63,10 @@ def test_tune_serves_large_blocks_from_the_heap():
   assert mmapped >= (64 << 20)
 
 
-
 # XLA:CPU allocates on its worker threads; glibc gives each its own arena (heaps of at most 64
 # MiB, whatever the main arena's thresholds) unless M_ARENA_MAX keeps them in the main one,
 # which DDETR_JAX_MALLOC_ARENA_MAX=1 opts into.
-@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
-                    reason="glibc malloc settings apply on Linux with glibc only")
+@_GLIBC_ONLY
 def test_one_arena_serves_worker_thread_blocks_from_the_heap():
   tuned, mmapped = _probe({"DDETR_JAX_KEEP_MALLOC": "", "DDETR_JAX_MALLOC_ARENA_MAX": "1"},
                           "thread")
