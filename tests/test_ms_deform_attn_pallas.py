@@ -117,10 +117,15 @@ def test_kernel_lowers_to_triton_for_cuda(dtype):
   assert "ms_deform_attn_fwd" in text and "ms_deform_attn_bwd" in text
 
 
-def test_auto_resolves_to_xla_without_gpu_and_logs_once(caplog, monkeypatch):
+def test_auto_resolution_per_backend_and_fallbacks_log_once(caplog, monkeypatch):
+  from ddetr_jax.ops import ms_deform_attn_cpu as cpu_module  # pylint: disable=import-outside-toplevel
   msda_module.resolve_auto_impl.cache_clear()
   caplog.set_level(logging.INFO, logger="ddetr_jax.ops.ms_deform_attn")
-  assert msda_module.resolve_auto_impl() == "xla"  # this machine: CPU
+  assert msda_module.resolve_auto_impl() == "cpu"  # this machine: CPU, with a C++ compiler
+  assert msda_module.resolve_auto_impl("tpu") == "xla"
+  # A CPU without a working C++ compiler.
+  monkeypatch.setattr(cpu_module, "kernel_unavailable_reason", lambda: "no compiler")
+  assert msda_module.resolve_auto_impl.__wrapped__("cpu") == "xla"
   # A GPU on which the kernel is unavailable (e.g. a JAX without the Triton backend).
   monkeypatch.setattr(pallas_module, "gpu_kernel_unavailable_reason", lambda: "no triton")
   assert msda_module.resolve_auto_impl("gpu") == "xla"
@@ -131,12 +136,15 @@ def test_auto_resolves_to_xla_without_gpu_and_logs_once(caplog, monkeypatch):
   assert msda_module.resolve_auto_impl.__wrapped__("gpu") == "pallas"
   msda_module.resolve_auto_impl.cache_clear()
   lines = [r.getMessage() for r in caplog.records]
-  assert len(lines) == 3, lines  # cpu once, gpu-without-kernel once, the uncached ZeroDivision
-  assert "not a GPU" in lines[0] and "no triton" in lines[1] and "ZeroDivisionError" in lines[2]
+  # tpu once, cpu-without-compiler once, gpu-without-kernel once (cached), the ZeroDivision.
+  assert len(lines) == 4, lines
+  assert "'tpu' has no kernel" in lines[0] and "no compiler" in lines[1]
+  assert "no triton" in lines[2] and "ZeroDivisionError" in lines[3]
   rng = np.random.default_rng(1)
   value, loc, attn = random_problem(rng, ((3, 4),), b=1, q=5, dtype=np.float32)
-  np.testing.assert_array_equal(np.asarray(ms_deform_attn(value, ((3, 4),), loc, attn, "auto")),
-                                np.asarray(ms_deform_attn(value, ((3, 4),), loc, attn, "xla")))
+  np.testing.assert_allclose(np.asarray(ms_deform_attn(value, ((3, 4),), loc, attn, "auto")),
+                             np.asarray(ms_deform_attn(value, ((3, 4),), loc, attn, "xla")),
+                             rtol=1e-6, atol=1e-6)
 
 
 def test_bad_block_q_raises():

@@ -1,0 +1,391 @@
+// Multi-scale deformable attention on the CPU: an XLA FFI custom call, forward and backward.
+//
+// Same function as ms_deform_attn(impl="xla") (see ms_deform_attn.py for the maths): bilinear
+// sampling with zeros outside the map, align_corners=False, pixel x = loc_x * W - 0.5.
+//
+// Shapes (row-major; any number of leading batch dimensions, flattened to B):
+//   value (B, S, M, D), loc (B, Q, M, L, P, 2), attn (B, Q, M, L, P),
+//   out / grad_out (B, Q, M, D); attribute `shapes` = [H_0, W_0, ..., H_{L-1}, W_{L-1}].
+//
+// Work is split into B * M units, one per (batch element, head). A unit owns every output
+// element of its head, including the value-gradient rows value[b, :, m, :], so the backward
+// scatter needs no atomics and no per-thread copies. Units run on XLA's intra-op thread pool;
+// the calling thread takes units too, so the call finishes even when no pool thread is free.
+//
+// Built on first use by ms_deform_attn_cpu.py (c++ -O3 -shared); not compiled elsewhere.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+template <typename T>
+constexpr int64_t kFloatsPerLine = 64 / sizeof(T);  // a 64-byte cache line
+
+struct Geometry {
+  int64_t batch = 0, S = 0, Q = 0, M = 0, D = 0, L = 0, P = 0;
+  std::vector<int64_t> height, width, start;
+};
+
+// Bilinear corner of one sampling point: row offset of the pixel inside its level (or -1 when
+// the corner is outside the map), weight and the weight's derivative w.r.t. pixel x and y.
+template <typename T>
+struct Corner {
+  int64_t pixel;
+  T weight, dweight_dx, dweight_dy;
+};
+
+// The four corners of normalized (lx, ly) on an (h, w) map. Returns false for a NaN location,
+// which then contributes nothing. Clipping to [-2, size + 1] changes no result (every corner of
+// a clipped point is outside) and keeps the integer conversion defined.
+template <typename T>
+bool Corners(T lx, T ly, int64_t h, int64_t w, Corner<T> out[4]) {
+  if (std::isnan(lx) || std::isnan(ly)) return false;
+  const T x = std::min(std::max(lx * static_cast<T>(w) - T(0.5), T(-2)), static_cast<T>(w + 1));
+  const T y = std::min(std::max(ly * static_cast<T>(h) - T(0.5), T(-2)), static_cast<T>(h + 1));
+  const T x0f = std::floor(x), y0f = std::floor(y);
+  const int64_t x0 = static_cast<int64_t>(x0f), y0 = static_cast<int64_t>(y0f);
+  const T fx = x - x0f, fy = y - y0f;
+  int k = 0;
+  for (int dy = 0; dy < 2; ++dy) {
+    for (int dx = 0; dx < 2; ++dx, ++k) {
+      const int64_t xi = x0 + dx, yi = y0 + dy;
+      const T wx = dx ? fx : T(1) - fx;
+      const T wy = dy ? fy : T(1) - fy;
+      if (xi < 0 || xi >= w || yi < 0 || yi >= h) {
+        out[k] = {-1, T(0), T(0), T(0)};
+      } else {
+        out[k] = {yi * w + xi, wx * wy, (dx ? T(1) : T(-1)) * wy, (dy ? T(1) : T(-1)) * wx};
+      }
+    }
+  }
+  return true;
+}
+
+// Runs fn(unit) for every unit in [0, n): on the calling thread and on up to
+// pool.num_threads() pool tasks, which take units from a shared counter. Returns when all
+// units are done. A task that starts after the last unit was taken touches nothing but the
+// shared state it co-owns, so the caller never waits for tasks that have not started.
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, const std::function<void(int64_t)>& fn) {
+  struct State {
+    std::atomic<int64_t> next{0}, done{0};
+    int64_t n = 0;
+    const std::function<void(int64_t)>* fn = nullptr;
+    std::mutex mu;
+    std::condition_variable cv;
+  };
+  auto state = std::make_shared<State>();
+  state->n = n;
+  state->fn = &fn;
+  auto work = [](const std::shared_ptr<State>& st) {
+    int64_t mine = 0;
+    for (int64_t i = st->next.fetch_add(1); i < st->n; i = st->next.fetch_add(1)) {
+      (*st->fn)(i);
+      ++mine;
+    }
+    if (mine > 0 && st->done.fetch_add(mine) + mine == st->n) {
+      std::lock_guard<std::mutex> lock(st->mu);
+      st->cv.notify_all();
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), n - 1);
+  for (int64_t k = 0; k < helpers; ++k) {
+    pool.Schedule([state, work]() { work(state); });
+  }
+  work(state);
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->cv.wait(lock, [&] { return state->done.load() == state->n; });
+}
+
+ffi::Error ReadGeometry(ffi::AnyBuffer value, ffi::AnyBuffer loc, ffi::AnyBuffer attn,
+                        ffi::Span<const int64_t> shapes, Geometry* g) {
+  const auto vd = value.dimensions();
+  const auto ld = loc.dimensions();
+  if (vd.size() < 4 || ld.size() != vd.size() + 2 || attn.dimensions().size() != vd.size() + 1) {
+    return ffi::Error::InvalidArgument("ms_deform_attn_cpu: ranks of value/loc/attn do not fit");
+  }
+  const size_t r = vd.size();
+  g->S = vd[r - 3];
+  g->M = vd[r - 2];
+  g->D = vd[r - 1];
+  g->Q = ld[r - 3];
+  g->L = ld[r - 1];
+  g->P = ld[r];
+  g->batch = 1;
+  for (size_t i = 0; i + 3 < r; ++i) {
+    if (ld[i] != vd[i]) {
+      return ffi::Error::InvalidArgument("ms_deform_attn_cpu: batch dims of value and loc differ");
+    }
+    g->batch *= vd[i];
+  }
+  if (ld[r - 2] != g->M || ld[r + 1] != 2) {
+    return ffi::Error::InvalidArgument("ms_deform_attn_cpu: loc is not (..., Q, M, L, P, 2)");
+  }
+  if (static_cast<int64_t>(shapes.size()) != 2 * g->L) {
+    return ffi::Error::InvalidArgument("ms_deform_attn_cpu: `shapes` must hold 2 * L ints");
+  }
+  int64_t acc = 0;
+  for (int64_t l = 0; l < g->L; ++l) {
+    g->height.push_back(shapes[2 * l]);
+    g->width.push_back(shapes[2 * l + 1]);
+    g->start.push_back(acc);
+    acc += shapes[2 * l] * shapes[2 * l + 1];
+  }
+  if (acc != g->S) {
+    return ffi::Error::InvalidArgument("ms_deform_attn_cpu: `shapes` do not sum to S");
+  }
+  return ffi::Error::Success();
+}
+
+// Sampled rows are scattered over the map, so overlapping their cache misses is what these
+// loops gain most from. Measured at the 800x1066 encoder shapes (benchmarks/msda.py), with
+// uniform locations: the forward prefetches the next query's rows while it sums the current
+// one's (1.2-1.3x faster than no prefetch; collecting the corners first as the backward does
+// was 1.5x slower), the backward collects the current query's corners and prefetches their
+// value and gradient rows before using any (1.5x faster than no prefetch; prefetching one
+// query ahead instead was 2x slower).
+
+// The in-bounds corners of all L * P sampling points of one (b, q, m): row offset of each
+// corner in value ((start_l + pixel) * M * D, head offset excluded), with its weights; each
+// row is prefetched as it is collected.
+template <typename T>
+struct QueryCorners {
+  struct Entry {
+    int64_t row;       // (start_l + pixel) * M * D
+    int32_t lp;        // l * P + p
+    T weight, dweight_dx, dweight_dy;
+  };
+  std::vector<Entry> entries;
+
+  void Collect(const Geometry& g, const T* lq, const T* rows_to_prefetch,
+               T* grad_rows_to_prefetch) {
+    entries.clear();
+    const int64_t MD = g.M * g.D;
+    for (int64_t l = 0; l < g.L; ++l) {
+      for (int64_t p = 0; p < g.P; ++p) {
+        const int64_t lp = l * g.P + p;
+        Corner<T> c[4];
+        if (!Corners(lq[2 * lp], lq[2 * lp + 1], g.height[l], g.width[l], c)) continue;
+        for (int k = 0; k < 4; ++k) {
+          if (c[k].pixel < 0) continue;
+          const int64_t row = (g.start[l] + c[k].pixel) * MD;
+          entries.push_back({row, static_cast<int32_t>(lp), c[k].weight, c[k].dweight_dx,
+                             c[k].dweight_dy});
+          for (int64_t off = 0; off < g.D; off += kFloatsPerLine<T>) {
+            __builtin_prefetch(rows_to_prefetch + row + off, 0, 3);
+            if (grad_rows_to_prefetch) __builtin_prefetch(grad_rows_to_prefetch + row + off, 1, 3);
+          }
+        }
+      }
+    }
+  }
+};
+
+// Prefetches the value rows that the L * P sampling points at lq ((x, y) pairs) will read.
+template <typename T>
+void PrefetchValueRows(const Geometry& g, const T* lq, const T* vb) {
+  for (int64_t l = 0; l < g.L; ++l) {
+    for (int64_t p = 0; p < g.P; ++p) {
+      const int64_t lp = l * g.P + p;
+      Corner<T> c[4];
+      if (!Corners(lq[2 * lp], lq[2 * lp + 1], g.height[l], g.width[l], c)) continue;
+      for (int k = 0; k < 4; ++k) {
+        if (c[k].pixel < 0) continue;
+        const T* v = vb + (g.start[l] + c[k].pixel) * g.M * g.D;
+        for (int64_t off = 0; off < g.D; off += kFloatsPerLine<T>) __builtin_prefetch(v + off, 0, 3);
+      }
+    }
+  }
+}
+
+// out[b, q, m, :] = sum_{l, p, corner} attn * weight * value[b, start_l + pixel, m, :].
+template <typename T>
+void ForwardUnit(const Geometry& g, int64_t unit, const T* __restrict value,
+                 const T* __restrict loc, const T* __restrict attn, T* __restrict out) {
+  const int64_t b = unit / g.M, m = unit % g.M, D = g.D, LP = g.L * g.P;
+  const T* vb = value + b * g.S * g.M * D + m * D;  // + pixel * M * D
+  for (int64_t q = 0; q < g.Q; ++q) {
+    const int64_t bqm = (b * g.Q + q) * g.M + m;
+    T* __restrict o = out + bqm * D;
+    std::fill(o, o + D, T(0));
+    const T* lq = loc + bqm * LP * 2;
+    const T* aq = attn + bqm * LP;
+    if (q + 1 < g.Q) PrefetchValueRows<T>(g, lq + g.M * LP * 2, vb);  // the next query's
+    for (int64_t l = 0; l < g.L; ++l) {
+      for (int64_t p = 0; p < g.P; ++p) {
+        const int64_t lp = l * g.P + p;
+        Corner<T> c[4];
+        if (!Corners(lq[2 * lp], lq[2 * lp + 1], g.height[l], g.width[l], c)) continue;
+        for (int k = 0; k < 4; ++k) {
+          if (c[k].pixel < 0) continue;
+          const T coef = aq[lp] * c[k].weight;
+          const T* __restrict v = vb + (g.start[l] + c[k].pixel) * g.M * D;
+          for (int64_t d = 0; d < D; ++d) o[d] += coef * v[d];
+        }
+      }
+    }
+  }
+}
+
+// Gradients of one (b, m) unit given grad_out g: value (rows of head m), loc and attn.
+template <typename T>
+void BackwardUnit(const Geometry& g, int64_t unit, const T* __restrict value,
+                  const T* __restrict loc, const T* __restrict attn, const T* __restrict gout,
+                  T* __restrict gvalue, T* __restrict gloc, T* __restrict gattn) {
+  const int64_t b = unit / g.M, m = unit % g.M, D = g.D, LP = g.L * g.P;
+  const int64_t offset = b * g.S * g.M * D + m * D;  // + row
+  const T* vb = value + offset;
+  T* gvb = gvalue + offset;
+  for (int64_t s = 0; s < g.S; ++s) std::fill(gvb + s * g.M * D, gvb + s * g.M * D + D, T(0));
+  QueryCorners<T> qc;
+  qc.entries.reserve(4 * LP);
+  std::vector<T> grad_a(LP), grad_x(LP), grad_y(LP);
+  for (int64_t q = 0; q < g.Q; ++q) {
+    const int64_t bqm = (b * g.Q + q) * g.M + m;
+    const T* __restrict go = gout + bqm * D;
+    const T* aq = attn + bqm * LP;
+    qc.Collect(g, loc + bqm * LP * 2, vb, gvb);
+    std::fill(grad_a.begin(), grad_a.end(), T(0));
+    std::fill(grad_x.begin(), grad_x.end(), T(0));
+    std::fill(grad_y.begin(), grad_y.end(), T(0));
+    for (const auto& e : qc.entries) {
+      const T* __restrict v = vb + e.row;
+      T* __restrict gv = gvb + e.row;
+      const T coef = aq[e.lp] * e.weight;
+      T dot = 0;
+      for (int64_t d = 0; d < D; ++d) {
+        dot += go[d] * v[d];
+        gv[d] += coef * go[d];
+      }
+      grad_a[e.lp] += e.weight * dot;
+      grad_x[e.lp] += e.dweight_dx * dot;
+      grad_y[e.lp] += e.dweight_dy * dot;
+    }
+    T* glq = gloc + bqm * LP * 2;
+    T* gaq = gattn + bqm * LP;
+    for (int64_t l = 0; l < g.L; ++l) {
+      for (int64_t p = 0; p < g.P; ++p) {
+        const int64_t lp = l * g.P + p;
+        // d x / d loc_x = W, d y / d loc_y = H.
+        gaq[lp] = grad_a[lp];
+        glq[2 * lp] = grad_x[lp] * aq[lp] * static_cast<T>(g.width[l]);
+        glq[2 * lp + 1] = grad_y[lp] * aq[lp] * static_cast<T>(g.height[l]);
+      }
+    }
+  }
+}
+
+// All buffers share one float type, float32 or float64 (the Python side casts bf16/f16 up).
+ffi::Error CheckTypes(ffi::DataType t, std::initializer_list<ffi::DataType> others) {
+  for (ffi::DataType o : others) {
+    if (o != t) return ffi::Error::InvalidArgument("ms_deform_attn_cpu: mixed dtypes");
+  }
+  if (t != ffi::DataType::F32 && t != ffi::DataType::F64) {
+    return ffi::Error::InvalidArgument("ms_deform_attn_cpu: only float32 and float64");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer value, ffi::AnyBuffer loc,
+                       ffi::AnyBuffer attn, ffi::Span<const int64_t> shapes,
+                       ffi::Result<ffi::AnyBuffer> out) {
+  Geometry g;
+  if (auto e = ReadGeometry(value, loc, attn, shapes, &g); e.failure()) return e;
+  const ffi::DataType t = value.element_type();
+  if (auto e = CheckTypes(t, {loc.element_type(), attn.element_type(), out->element_type()});
+      e.failure()) {
+    return e;
+  }
+  if (out->element_count() != g.batch * g.Q * g.M * g.D) {
+    return ffi::Error::InvalidArgument("ms_deform_attn_cpu: output is not (B, Q, M, D)");
+  }
+  std::function<void(int64_t)> fn;
+  if (t == ffi::DataType::F32) {
+    fn = [&](int64_t u) {
+      ForwardUnit<float>(g, u, value.typed_data<float>(), loc.typed_data<float>(),
+                         attn.typed_data<float>(), out->typed_data<float>());
+    };
+  } else {
+    fn = [&](int64_t u) {
+      ForwardUnit<double>(g, u, value.typed_data<double>(), loc.typed_data<double>(),
+                          attn.typed_data<double>(), out->typed_data<double>());
+    };
+  }
+  ParallelFor(pool, g.batch * g.M, fn);
+  return ffi::Error::Success();
+}
+
+ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer value, ffi::AnyBuffer loc,
+                        ffi::AnyBuffer attn, ffi::AnyBuffer gout, ffi::Span<const int64_t> shapes,
+                        ffi::Result<ffi::AnyBuffer> gvalue, ffi::Result<ffi::AnyBuffer> gloc,
+                        ffi::Result<ffi::AnyBuffer> gattn) {
+  Geometry g;
+  if (auto e = ReadGeometry(value, loc, attn, shapes, &g); e.failure()) return e;
+  const ffi::DataType t = value.element_type();
+  if (auto e = CheckTypes(t, {loc.element_type(), attn.element_type(), gout.element_type(),
+                                  gvalue->element_type(), gloc->element_type(),
+                                  gattn->element_type()});
+      e.failure()) {
+    return e;
+  }
+  if (gout.element_count() != g.batch * g.Q * g.M * g.D ||
+      gvalue->element_count() != value.element_count() ||
+      gloc->element_count() != loc.element_count() ||
+      gattn->element_count() != attn.element_count()) {
+    return ffi::Error::InvalidArgument("ms_deform_attn_cpu: gradient buffers do not fit");
+  }
+  std::function<void(int64_t)> fn;
+  if (t == ffi::DataType::F32) {
+    fn = [&](int64_t u) {
+      BackwardUnit<float>(g, u, value.typed_data<float>(), loc.typed_data<float>(),
+                          attn.typed_data<float>(), gout.typed_data<float>(),
+                          gvalue->typed_data<float>(), gloc->typed_data<float>(),
+                          gattn->typed_data<float>());
+    };
+  } else {
+    fn = [&](int64_t u) {
+      BackwardUnit<double>(g, u, value.typed_data<double>(), loc.typed_data<double>(),
+                           attn.typed_data<double>(), gout.typed_data<double>(),
+                           gvalue->typed_data<double>(), gloc->typed_data<double>(),
+                           gattn->typed_data<double>());
+    };
+  }
+  ParallelFor(pool, g.batch * g.M, fn);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DdetrMsdaForward, ForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Attr<ffi::Span<const int64_t>>("shapes")
+                                  .Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DdetrMsdaBackward, BackwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Attr<ffi::Span<const int64_t>>("shapes")
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());

@@ -1,0 +1,234 @@
+"""impl='cpu' (the C++ XLA FFI kernel) against PyTorch's grid_sample formulation and impl='xla':
+outputs and all three gradients, duplicates in the value-gradient scatter, vmap, batch
+sharding over 8 devices (each device runs on its own shard), remat inside scan, dtypes, and the
+build cache."""
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from jax import test_util as jtu
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from ddetr_jax.ops import ms_deform_attn_cpu as cpu_module
+from ddetr_jax.ops.ms_deform_attn import ms_deform_attn
+from tests import msda_reference
+from tests.msda_reference import ms_deform_attn_torch, random_problem
+
+CASES = [  # (seed, spatial_shapes, D, P, Q, M)
+    (0, ((37, 53),), 8, 1, 11, 2),
+    (1, ((1, 1), (6, 9), (3, 2)), 32, 4, 13, 3),
+    (2, ((5, 11), (3, 6), (2, 3), (1, 2)), 8, 4, 9, 2),
+    (3, ((17, 4), (1, 30), (9, 9), (2, 1)), 32, 1, 7, 1),
+]
+
+
+def _torch(value, shapes, loc, attn, cot):
+  tensors = [torch.tensor(x, requires_grad=True) for x in (value, loc, attn)]
+  out = ms_deform_attn_torch(tensors[0], shapes, tensors[1], tensors[2])
+  (out * torch.from_numpy(cot)).sum().backward()
+  return out.detach().numpy(), [t.grad.numpy() for t in tensors]
+
+
+def _jax(impl, value, shapes, loc, attn, cot):
+  fn = lambda v, l, a: ms_deform_attn(v, shapes, l, a, impl=impl)
+  out, vjp = jax.vjp(fn, *(jnp.asarray(x) for x in (value, loc, attn)))
+  return np.asarray(out), [np.asarray(g) for g in vjp(jnp.asarray(cot, out.dtype))]
+
+
+@pytest.mark.parametrize("seed,shapes,d,p,q,m", CASES)
+def test_forward_and_gradients_match_torch_and_xla_float64(seed, shapes, d, p, q, m):
+  rng = np.random.default_rng(seed)
+  value, loc, attn = random_problem(rng, shapes, b=2, q=q, m=m, d=d, p=p)
+  cot = rng.normal(size=(2, q, m * d))
+  want_out, want_grads = _torch(value, shapes, loc, attn, cot)
+  with jax.enable_x64(True):
+    got_out, got_grads = _jax("cpu", value, shapes, loc, attn, cot)
+    xla_out, xla_grads = _jax("xla", value, shapes, loc, attn, cot)
+  assert got_out.dtype == np.float64
+  msda_reference.assert_matches_torch_and_xla(got_out, got_grads, want_out, want_grads,
+                                              xla_out, xla_grads)
+
+
+@pytest.mark.parametrize("seed,shapes,d,p,q,m", CASES)
+def test_float32_jit_matches_torch(seed, shapes, d, p, q, m):
+  rng = np.random.default_rng(100 + seed)
+  value, loc, attn = random_problem(rng, shapes, b=2, q=q, m=m, d=d, p=p, dtype=np.float32)
+  cot = rng.normal(size=(2, q, m * d)).astype(np.float32)
+  want_out, want_grads = _torch(value, shapes, loc, attn, cot)
+  fwd = jax.jit(lambda v, l, a: ms_deform_attn(v, shapes, l, a, impl="cpu"))
+  got = np.asarray(fwd(value, loc, attn))
+  assert got.dtype == np.float32
+  np.testing.assert_allclose(got, want_out, rtol=1e-5, atol=1e-5 * np.abs(want_out).max())
+  grads = jax.jit(jax.grad(lambda v, l, a: jnp.vdot(fwd(v, l, a), cot), argnums=(0, 1, 2)))(
+      value, loc, attn)
+  for name, g, w in zip(msda_reference.GRAD_NAMES, grads, want_grads):
+    np.testing.assert_allclose(np.asarray(g), w, rtol=1e-4, atol=1e-5 * np.abs(w).max(),
+                               err_msg=name)
+
+
+def test_check_grads():
+  rng = np.random.default_rng(7)
+  shapes = ((3, 5), (2, 2))
+  # Away from pixel-centre lines, where bilinear sampling has kinks.
+  value, loc, attn = random_problem(rng, shapes, b=1, q=3, m=2, d=4, p=2, spread=(0.05, 0.95))
+  with jax.enable_x64(True):
+    jtu.check_grads(lambda v, l, a: ms_deform_attn(v, shapes, l, a, impl="cpu"),
+                    (jnp.asarray(value), jnp.asarray(loc), jnp.asarray(attn)),
+                    order=1, modes=("rev",), eps=1e-6)
+
+
+def test_value_gradient_sums_every_duplicate():
+  # 20 queries x 3 points of one head all sample the centre of pixel (y, x) = (2, 1) of a 4x3
+  # map (weight 1 there, 0 elsewhere): the value gradient at that pixel must be the sum of all
+  # 60 contributions attn * g, and the other head's rows must stay zero.
+  shapes = ((4, 3),)
+  q, p, d = 20, 3, 32
+  rng = np.random.default_rng(11)
+  value = rng.normal(size=(1, 12, 2, d)).astype(np.float32)
+  loc = np.full((1, q, 2, 1, p, 2), -5.0, np.float32)  # head 1: far outside the map
+  loc[:, :, 0] = [(1 + 0.5) / 3, (2 + 0.5) / 4]
+  attn = rng.uniform(0.5, 1.5, size=(1, q, 2, 1, p)).astype(np.float32)
+  cot = rng.normal(size=(1, q, 2 * d)).astype(np.float32)
+  _, (grad_v, _, grad_a) = _jax("cpu", value, shapes, loc, attn, cot)
+  want = np.einsum("qp,qd->d", attn[0, :, 0, 0].astype(np.float64),
+                   cot[0, :, :d].astype(np.float64))
+  np.testing.assert_allclose(grad_v[0, 2 * 3 + 1, 0], want, rtol=1e-5, atol=1e-5)
+  assert np.all(np.delete(grad_v[0, :, 0], 2 * 3 + 1, axis=0) == 0.0)
+  assert np.all(grad_v[0, :, 1] == 0.0) and np.all(grad_a[0, :, 1] == 0.0)
+  np.testing.assert_allclose(grad_a[0, :, 0, 0],
+                             np.broadcast_to((cot[0, :, :d] @ value[0, 7, 0])[:, None], (q, p)),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_borders_and_far_locations_are_finite_and_match_torch():
+  shapes = ((4, 6), (2, 3))
+  rng = np.random.default_rng(3)
+  value, _, attn = random_problem(rng, shapes, b=1, q=6, m=1, d=4, p=1, dtype=np.float32)
+  special = np.array([0.0, 1.0, -1e30, 1e30, 0.5, -3.0], np.float32)
+  loc = np.stack(np.broadcast_arrays(special[:, None], special[::-1, None]), -1)
+  loc = np.broadcast_to(loc.reshape(1, 6, 1, 1, 1, 2), (1, 6, 1, 2, 1, 2)).copy()
+  cot = np.ones((1, 6, 4), np.float32)
+  want_out, want_grads = _torch(value, shapes, loc, attn, cot)
+  got_out, got_grads = _jax("cpu", value, shapes, loc, attn, cot)
+  assert np.isfinite(got_out).all() and all(np.isfinite(g).all() for g in got_grads)
+  np.testing.assert_allclose(got_out, want_out, atol=1e-5)
+  for name, g, w in zip(msda_reference.GRAD_NAMES, got_grads, want_grads):
+    np.testing.assert_allclose(g, w, atol=1e-4, err_msg=name)
+  assert np.all(got_out[0, 2:4] == 0.0)  # +-1e30 on both axes: nothing in bounds
+
+
+def test_vmap_folds_into_the_batch():
+  rng = np.random.default_rng(4)
+  shapes = ((5, 4), (3, 2))
+  value, loc, attn = random_problem(rng, shapes, b=6, dtype=np.float32)
+  batched = np.asarray(ms_deform_attn(value, shapes, loc, attn, impl="cpu"))
+  one = lambda v, l, a: ms_deform_attn(v[None], shapes, l[None], a[None], impl="cpu")[0]
+  mapped = jax.vmap(one)(value, loc, attn)
+  np.testing.assert_allclose(np.asarray(mapped), batched, rtol=1e-6, atol=1e-6)
+  # Nested, with the value map shared (not mapped) along the inner axis.
+  nested = jax.vmap(jax.vmap(one, in_axes=(None, 0, 0)), in_axes=(0, 0, 0))(
+      value[:2], loc.reshape(2, 3, *loc.shape[1:]), attn.reshape(2, 3, *attn.shape[1:]))
+  for i in range(2):
+    for j in range(3):
+      np.testing.assert_allclose(
+          np.asarray(nested[i, j]),
+          np.asarray(one(value[i], loc[3 * i + j], attn[3 * i + j])), rtol=1e-6, atol=1e-6)
+  # Gradients through vmap equal the batched call's.
+  g_map = jax.grad(lambda v: jax.vmap(one)(v, loc, attn).sum())(value)
+  g_bat = jax.grad(lambda v: ms_deform_attn(v, shapes, loc, attn, impl="cpu").sum())(value)
+  np.testing.assert_allclose(np.asarray(g_map), np.asarray(g_bat), rtol=1e-6, atol=1e-6)
+
+
+def test_sharded_batch_runs_per_shard_and_equals_single_device():
+  assert jax.device_count() == 8, "conftest sets 8 fake CPU devices"
+  rng = np.random.default_rng(5)
+  shapes = ((6, 7), (3, 4), (2, 2))
+  value, loc, attn = random_problem(rng, shapes, b=8, q=9, dtype=np.float32)
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  shard = NamedSharding(mesh, P("data"))
+  fwd = jax.jit(lambda v, l, a: ms_deform_attn(v, shapes, l, a, impl="cpu"))
+  grad = jax.jit(jax.grad(lambda v, l, a: ms_deform_attn(v, shapes, l, a, impl="cpu").sum(),
+                          argnums=(0, 1, 2)))
+  single = fwd(value, loc, attn), grad(value, loc, attn)
+  args = [jax.device_put(x, shard) for x in (value, loc, attn)]
+  sharded = fwd(*args), grad(*args)
+  assert sharded[0].sharding.spec[0] == "data"
+  assert all(g.sharding.spec[0] == "data" for g in sharded[1])
+  np.testing.assert_allclose(np.asarray(sharded[0]), np.asarray(single[0]), rtol=1e-6, atol=1e-6)
+  for g_s, g_1 in zip(sharded[1], single[1]):
+    np.testing.assert_allclose(np.asarray(g_s), np.asarray(g_1), rtol=1e-6, atol=1e-6)
+  # Each device's kernel sees its own batch element only: no gather of the others' values.
+  for fn in (fwd, grad):
+    hlo = fn.lower(*args).compile().as_text()
+    calls = [line for line in hlo.splitlines() if "custom_call_target=\"ddetr_msda_cpu" in line]
+    assert calls and "all-gather" not in hlo
+    assert all(f"f32[1,{value.shape[1]},2,8]" in line for line in calls), calls
+
+
+def test_remat_inside_scan_matches_xla():
+  rng = np.random.default_rng(8)
+  shapes = ((6, 5), (3, 3))
+  value, loc, attn = random_problem(rng, shapes, b=2, q=7, dtype=np.float32)
+  locs = np.stack([loc, np.clip(loc + 0.05, -0.3, 1.3)])  # two "layers"
+
+  def loss(impl, v, ls):
+    layer = jax.checkpoint(lambda c, l: (ms_deform_attn(c, shapes, l, attn, impl=impl)
+                                         .reshape(c.shape[0], -1, c.shape[2], c.shape[3])
+                                         .mean(1, keepdims=True) + c, None))
+    out, _ = jax.lax.scan(layer, v, ls)
+    return (out ** 2).sum()
+  got = jax.jit(jax.value_and_grad(lambda v, l: loss("cpu", v, l), argnums=(0, 1)))(value, locs)
+  want = jax.value_and_grad(lambda v, l: loss("xla", v, l), argnums=(0, 1))(value, locs)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_inputs_accumulate_in_float32():
+  rng = np.random.default_rng(6)
+  shapes = ((8, 9), (4, 5))
+  value, loc, attn = random_problem(rng, shapes, b=1, q=20, m=2, d=32, dtype=np.float32)
+  v16, a16 = jnp.asarray(value, jnp.bfloat16), jnp.asarray(attn, jnp.bfloat16)
+  out = ms_deform_attn(v16, shapes, loc, a16, impl="cpu")
+  assert out.dtype == jnp.bfloat16
+  # The kernel's float32 result on the rounded inputs, rounded once at the end.
+  ref = ms_deform_attn(v16.astype(jnp.float32), shapes, loc, a16.astype(jnp.float32), impl="xla")
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(ref.astype(jnp.bfloat16)))
+  grads = jax.grad(lambda v, l, a: ms_deform_attn(v, shapes, l, a, impl="cpu")
+                   .astype(jnp.float32).sum(), argnums=(0, 1, 2))(v16, loc, a16)
+  assert [g.dtype for g in grads] == [jnp.bfloat16, jnp.float32, jnp.bfloat16]
+
+
+def test_cpu_impl_refuses_other_backends(monkeypatch):
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+  with pytest.raises(ValueError, match="impl='cpu' runs on the CPU backend only.*'tpu'"):
+    ms_deform_attn(np.zeros((1, 1, 1, 1), np.float32), ((1, 1),),
+                   np.zeros((1, 1, 1, 1, 1, 2), np.float32), np.zeros((1, 1, 1, 1, 1), np.float32),
+                   impl="cpu")
+
+
+def test_build_is_cached_per_source_and_compiler_errors_are_named(tmp_path, monkeypatch):
+  monkeypatch.setenv("DDETR_JAX_KERNEL_CACHE", str(tmp_path / "kernels"))
+  monkeypatch.delenv("CXX", raising=False)
+  path = cpu_module.build()
+  assert path.parent == tmp_path / "kernels" and path.suffix == ".so"
+  mtime = path.stat().st_mtime_ns
+  time.sleep(0.01)
+  assert cpu_module.build() == path and path.stat().st_mtime_ns == mtime  # not rebuilt
+  assert os.listdir(tmp_path / "kernels") == [path.name]  # no temp files left
+  # A changed source is a new build key.
+  source = tmp_path / "ms_deform_attn_cpu.cc"
+  source.write_text(cpu_module._SOURCE.read_text() + "\n// changed\n")
+  monkeypatch.setattr(cpu_module, "_SOURCE", source)
+  assert cpu_module._library_path("c++") != path
+  # No compiler, and a compiler that fails: errors that name it.
+  monkeypatch.setenv("CXX", "no-such-compiler-xyz")
+  with pytest.raises(RuntimeError, match="no-such-compiler-xyz"):
+    cpu_module.build()
+  monkeypatch.setenv("CXX", "false")
+  with pytest.raises(RuntimeError, match="building ms_deform_attn_cpu.cc failed.*false"):
+    cpu_module.build()
+  assert sorted(os.listdir(tmp_path / "kernels")) == [path.name]  # the failed build left nothing
