@@ -4,8 +4,8 @@ Shapes are those of an image (default 800x1066; --image 800x1333 for the GPU tar
 ResNet-50 (strides 8, 16, 32 and a stride-2 conv on the last: (100,134), (50,67), (25,34),
 (13,17) for 800x1066; M=8 heads, D=32, L=4, P=4): the encoder (Q = S = 17821) and the decoder
 (Q = 300), at the given batches and dtypes. One column set per JAX impl available on the
-machine (xla, xla_packed everywhere, pallas on a GPU; pallas in interpret mode only if asked for
-with --impls). Torch runs on the CPU with all threads, float32 only. Times are medians after
+machine (xla, xla_packed everywhere, pallas on a GPU, cpu (the C++ kernel) on the CPU; pallas in
+interpret mode only if asked for with --impls). Torch runs on the CPU with all threads, float32 only. Times are medians after
 warm-up. JAX temporary memory is XLA's compiled `memory_analysis()`.
 
 Analytic floor per shape (independent of the implementation):
@@ -90,6 +90,10 @@ def available_impls() -> list[str]:
   impls = ["xla", "xla_packed"]
   if jax.default_backend() == "gpu":
     impls.append("pallas")
+  if jax.default_backend() == "cpu":
+    from ddetr_jax.ops import ms_deform_attn_cpu  # pylint: disable=import-outside-toplevel
+    if ms_deform_attn_cpu.kernel_unavailable_reason() is None:
+      impls.append("cpu")
   return impls
 
 

