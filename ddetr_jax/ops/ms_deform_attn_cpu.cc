@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -48,8 +49,8 @@ struct Corner {
   T weight, dweight_dx, dweight_dy;
 };
 
-// The four corners of normalized (lx, ly) on an (h, w) map. Returns false for a NaN location,
-// which then contributes nothing. Clipping to [-2, size + 1] changes no result (every corner of
+// The four corners of normalized (lx, ly) on an (h, w) map. Returns false for a NaN location;
+// callers then make the point's output and gradients NaN, as impl="xla" does. Clipping to [-2, size + 1] changes no result (every corner of
 // a clipped point is outside) and keeps the integer conversion defined.
 template <typename T>
 bool Corners(T lx, T ly, int64_t h, int64_t w, Corner<T> out[4]) {
@@ -77,11 +78,13 @@ bool Corners(T lx, T ly, int64_t h, int64_t w, Corner<T> out[4]) {
 
 // Runs fn(unit) for every unit in [0, n): on the calling thread and on up to
 // pool.num_threads() pool tasks, which take units from a shared counter. Returns when all
-// units are done. A task that starts after the last unit was taken touches nothing but the
-// shared state it co-owns, so the caller never waits for tasks that have not started.
-void ParallelFor(ffi::ThreadPool& pool, int64_t n, const std::function<void(int64_t)>& fn) {
+// units are done; false when a unit threw. A task that starts after the last unit was taken
+// touches nothing but the shared state it co-owns, so the caller never waits for tasks that
+// have not started.
+bool ParallelFor(ffi::ThreadPool& pool, int64_t n, const std::function<void(int64_t)>& fn) {
   struct State {
     std::atomic<int64_t> next{0}, done{0};
+    std::atomic<bool> failed{false};
     int64_t n = 0;
     const std::function<void(int64_t)>* fn = nullptr;
     std::mutex mu;
@@ -93,7 +96,11 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, const std::function<void(int6
   auto work = [](const std::shared_ptr<State>& st) {
     int64_t mine = 0;
     for (int64_t i = st->next.fetch_add(1); i < st->n; i = st->next.fetch_add(1)) {
-      (*st->fn)(i);
+      try {
+        (*st->fn)(i);
+      } catch (...) {  // never let an exception cross the pool thread or the C FFI boundary
+        st->failed.store(true);
+      }
       ++mine;
     }
     if (mine > 0 && st->done.fetch_add(mine) + mine == st->n) {
@@ -108,6 +115,7 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, const std::function<void(int6
   work(state);
   std::unique_lock<std::mutex> lock(state->mu);
   state->cv.wait(lock, [&] { return state->done.load() == state->n; });
+  return !state->failed.load();
 }
 
 ffi::Error ReadGeometry(ffi::AnyBuffer value, ffi::AnyBuffer loc, ffi::AnyBuffer attn,
@@ -134,11 +142,22 @@ ffi::Error ReadGeometry(ffi::AnyBuffer value, ffi::AnyBuffer loc, ffi::AnyBuffer
   if (ld[r - 2] != g->M || ld[r + 1] != 2) {
     return ffi::Error::InvalidArgument("ms_deform_attn_cpu: loc is not (..., Q, M, L, P, 2)");
   }
+  const auto ad = attn.dimensions();
+  for (size_t i = 0; i <= r; ++i) {
+    if (ad[i] != ld[i]) {
+      return ffi::Error::InvalidArgument("ms_deform_attn_cpu: attn is not loc's shape without "
+                                         "the last axis");
+    }
+  }
   if (static_cast<int64_t>(shapes.size()) != 2 * g->L) {
     return ffi::Error::InvalidArgument("ms_deform_attn_cpu: `shapes` must hold 2 * L ints");
   }
   int64_t acc = 0;
   for (int64_t l = 0; l < g->L; ++l) {
+    if (shapes[2 * l] < 1 || shapes[2 * l + 1] < 1 || shapes[2 * l] > g->S ||
+        shapes[2 * l + 1] > g->S || shapes[2 * l] * shapes[2 * l + 1] > g->S - acc) {
+      return ffi::Error::InvalidArgument("ms_deform_attn_cpu: `shapes` do not fit S");
+    }
     g->height.push_back(shapes[2 * l]);
     g->width.push_back(shapes[2 * l + 1]);
     g->start.push_back(acc);
@@ -170,15 +189,21 @@ struct QueryCorners {
   };
   std::vector<Entry> entries;
 
+  std::vector<int32_t> nan_points;  // l * P + p of points at a NaN location
+
   void Collect(const Geometry& g, const T* lq, const T* rows_to_prefetch,
                T* grad_rows_to_prefetch) {
     entries.clear();
+    nan_points.clear();
     const int64_t MD = g.M * g.D;
     for (int64_t l = 0; l < g.L; ++l) {
       for (int64_t p = 0; p < g.P; ++p) {
         const int64_t lp = l * g.P + p;
         Corner<T> c[4];
-        if (!Corners(lq[2 * lp], lq[2 * lp + 1], g.height[l], g.width[l], c)) continue;
+        if (!Corners(lq[2 * lp], lq[2 * lp + 1], g.height[l], g.width[l], c)) {
+          nan_points.push_back(static_cast<int32_t>(lp));
+          continue;
+        }
         for (int k = 0; k < 4; ++k) {
           if (c[k].pixel < 0) continue;
           const int64_t row = (g.start[l] + c[k].pixel) * MD;
@@ -211,24 +236,35 @@ void PrefetchValueRows(const Geometry& g, const T* lq, const T* vb) {
   }
 }
 
-// out[b, q, m, :] = sum_{l, p, corner} attn * weight * value[b, start_l + pixel, m, :].
+// Queries per forward unit: the forward has no scatter, so its units are (b, m, query chunk),
+// enough of them to keep every pool thread busy at batch 1.
+constexpr int64_t kForwardChunk = 1024;
+
+// out[b, q, m, :] = sum_{l, p, corner} attn * weight * value[b, start_l + pixel, m, :], for
+// the queries of one (b, m, chunk) unit.
 template <typename T>
 void ForwardUnit(const Geometry& g, int64_t unit, const T* __restrict value,
                  const T* __restrict loc, const T* __restrict attn, T* __restrict out) {
-  const int64_t b = unit / g.M, m = unit % g.M, D = g.D, LP = g.L * g.P;
-  const T* vb = value + b * g.S * g.M * D + m * D;  // + pixel * M * D
-  for (int64_t q = 0; q < g.Q; ++q) {
+  const int64_t chunks = (g.Q + kForwardChunk - 1) / kForwardChunk;
+  const int64_t bm = unit / chunks, chunk = unit % chunks;
+  const int64_t b = bm / g.M, m = bm % g.M, D = g.D, LP = g.L * g.P;
+  const int64_t q_end = std::min(g.Q, (chunk + 1) * kForwardChunk);
+  const T* vb = value + b * g.S * g.M * D + m * D;  // + (start_l + pixel) * M * D
+  for (int64_t q = chunk * kForwardChunk; q < q_end; ++q) {
     const int64_t bqm = (b * g.Q + q) * g.M + m;
-    T* __restrict o = out + bqm * D;
-    std::fill(o, o + D, T(0));
     const T* lq = loc + bqm * LP * 2;
     const T* aq = attn + bqm * LP;
-    if (q + 1 < g.Q) PrefetchValueRows<T>(g, lq + g.M * LP * 2, vb);  // the next query's
+    if (q + 1 < q_end) PrefetchValueRows<T>(g, lq + g.M * LP * 2, vb);  // the next query's
+    T* __restrict o = out + bqm * D;
+    std::fill(o, o + D, T(0));
     for (int64_t l = 0; l < g.L; ++l) {
       for (int64_t p = 0; p < g.P; ++p) {
         const int64_t lp = l * g.P + p;
         Corner<T> c[4];
-        if (!Corners(lq[2 * lp], lq[2 * lp + 1], g.height[l], g.width[l], c)) continue;
+        if (!Corners(lq[2 * lp], lq[2 * lp + 1], g.height[l], g.width[l], c)) {
+          std::fill(o, o + D, std::numeric_limits<T>::quiet_NaN());  // a NaN location
+          continue;
+        }
         for (int k = 0; k < 4; ++k) {
           if (c[k].pixel < 0) continue;
           const T coef = aq[lp] * c[k].weight;
@@ -273,6 +309,9 @@ void BackwardUnit(const Geometry& g, int64_t unit, const T* __restrict value,
       grad_a[e.lp] += e.weight * dot;
       grad_x[e.lp] += e.dweight_dx * dot;
       grad_y[e.lp] += e.dweight_dy * dot;
+    }
+    for (int32_t lp : qc.nan_points) {  // a NaN location has NaN gradients, as in impl="xla"
+      grad_a[lp] = grad_x[lp] = grad_y[lp] = std::numeric_limits<T>::quiet_NaN();
     }
     T* glq = gloc + bqm * LP * 2;
     T* gaq = gattn + bqm * LP;
@@ -324,7 +363,10 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer value, ffi::AnyBuffe
                           attn.typed_data<double>(), out->typed_data<double>());
     };
   }
-  ParallelFor(pool, g.batch * g.M, fn);
+  const int64_t chunks = (g.Q + kForwardChunk - 1) / kForwardChunk;
+  if (!ParallelFor(pool, g.batch * g.M * chunks, fn)) {
+    return ffi::Error::Internal("ms_deform_attn_cpu: the forward kernel failed");
+  }
   return ffi::Error::Success();
 }
 
@@ -363,7 +405,9 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer value, ffi::AnyBuff
                            gattn->typed_data<double>());
     };
   }
-  ParallelFor(pool, g.batch * g.M, fn);
+  if (!ParallelFor(pool, g.batch * g.M, fn)) {
+    return ffi::Error::Internal("ms_deform_attn_cpu: the backward kernel failed");
+  }
   return ffi::Error::Success();
 }
 

@@ -22,8 +22,16 @@ the XLA FFI headers that ship with jaxlib (`jax.ffi.include_dir()`), about 3 s, 
 `$DDETR_JAX_KERNEL_CACHE` (default `~/.cache/ddetr_jax/kernels`). The file name holds a hash of
 the source, jaxlib's version, the compiler, the flags and the host CPU's feature flags
 (`-march=native`), so a changed source, jaxlib or machine gets a fresh build; the write is
-atomic (temp file + rename), so concurrent first calls are safe. When no compiler is found or
-the build fails, `kernel_unavailable_reason()` says why and impl="auto" uses "xla".
+atomic (temp file + rename), so concurrent first calls are safe. A cached library is loaded
+only if it and its directory belong to this user and are not writable by others. When no
+compiler is found or the build fails (or takes over `BUILD_TIMEOUT_S`),
+`kernel_unavailable_reason()` says why and impl="auto" uses "xla"; the failure is remembered
+for the process, so it is not retried on every trace.
+
+Non-finite input: a NaN sampling location makes its (b, q, m) output row and that point's
+location and attention-weight gradients NaN, as in impl="xla" (which also writes NaN into one
+value-gradient row; the kernel leaves the value gradient alone). Infinite locations are far
+outside the map and read zeros.
 
 Dtypes: float32 and float64 run natively; bfloat16/float16 inputs are computed in float32 and
 the output is cast back to value's dtype (as impl="xla"). Gradients come back in each input's
@@ -41,9 +49,12 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
+import stat
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import jax
@@ -79,24 +90,46 @@ def _cpu_flags() -> str:
   return platform.processor() or platform.machine()
 
 
-def _compiler() -> str | None:
-  return shutil.which(os.environ.get("CXX", "c++"))
+def _compiler() -> list[str] | None:
+  """$CXX (a command, possibly with arguments, e.g. "ccache g++") or "c++", resolved; None if
+  it is not found."""
+  words = shlex.split(os.environ.get("CXX", "c++")) or ["c++"]
+  found = shutil.which(words[0])
+  return [found, *words[1:]] if found else None
 
 
-def _library_path(compiler: str) -> Path:
+def _library_path(compiler: list[str]) -> Path:
   import jaxlib  # pylint: disable=import-outside-toplevel
   key = hashlib.sha256()
-  for part in (_SOURCE.read_bytes(), jaxlib.__version__.encode(), compiler.encode(),
+  for part in (_SOURCE.read_bytes(), jaxlib.__version__.encode(), " ".join(compiler).encode(),
                " ".join(_FLAGS).encode(), _cpu_flags().encode()):
     key.update(part)
     key.update(b"\0")
   return kernel_cache_dir() / f"ms_deform_attn_cpu-{key.hexdigest()[:16]}.so"
 
 
+def _check_trusted(path: Path) -> None:
+  """Refuses to load a library that another user could have written: the file and its
+  directory must belong to this user and not be writable by group or others."""
+  if not hasattr(os, "getuid"):
+    return
+  for p in (path, path.parent):
+    st = p.stat()
+    if st.st_uid != os.getuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+      raise RuntimeError(
+          f"refusing to load {path}: {p} is not owned by this user or is writable by others "
+          f"(set DDETR_JAX_KERNEL_CACHE to a private directory)")
+
+
+# Seconds a kernel build may take before it counts as failed.
+BUILD_TIMEOUT_S = 300
+
+
 def build() -> Path:
   """Compiles the kernel if no build for this source/jaxlib/compiler/CPU exists; returns the path.
 
-  Raises RuntimeError naming the compiler and its output when the build fails.
+  Raises RuntimeError naming the compiler and its output when the build fails or times out,
+  and when the cache holds a library another user could have written.
   """
   compiler = _compiler()
   if compiler is None:
@@ -104,34 +137,54 @@ def build() -> Path:
                        f"{os.environ.get('CXX', 'c++')!r})")
   path = _library_path(compiler)
   if path.exists():
+    _check_trusted(path)
     return path
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+  path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=path.parent)
   os.close(fd)
-  cmd = [compiler, *_FLAGS, "-isystem", jax.ffi.include_dir(), str(_SOURCE), "-o", tmp]
+  cmd = [*compiler, *_FLAGS, "-isystem", jax.ffi.include_dir(), str(_SOURCE), "-o", tmp]
   try:
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    try:
+      proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                            timeout=BUILD_TIMEOUT_S)
+    except subprocess.TimeoutExpired as e:
+      raise RuntimeError(f"building {_SOURCE.name} took over {BUILD_TIMEOUT_S} s "
+                         f"({' '.join(cmd)})") from e
     if proc.returncode != 0:
       raise RuntimeError(f"building {_SOURCE.name} failed ({' '.join(cmd)}):\n"
                          f"{proc.stderr[-4000:]}")
+    os.chmod(tmp, 0o755)
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):
       os.unlink(tmp)
+  _check_trusted(path)
   return path
 
 
-@functools.lru_cache(maxsize=None)
+_REGISTER_LOCK = threading.Lock()
+_REGISTERED: list = []  # [None] once registered, [exception] once that failed
+
+
 def _register() -> None:
-  """Builds (if needed), loads and registers the two FFI targets, once per process."""
-  lib = ctypes.cdll.LoadLibrary(str(build()))
-  jax.ffi.register_ffi_target(_FORWARD_TARGET, jax.ffi.pycapsule(lib.DdetrMsdaForward),
-                              platform="cpu")
-  jax.ffi.register_ffi_target(_BACKWARD_TARGET, jax.ffi.pycapsule(lib.DdetrMsdaBackward),
-                              platform="cpu")
+  """Builds (if needed), loads and registers the two FFI targets, once per process. A failure
+  is remembered and raised again, so a broken build is not retried on every trace."""
+  with _REGISTER_LOCK:
+    if not _REGISTERED:
+      try:
+        lib = ctypes.cdll.LoadLibrary(str(build()))
+        jax.ffi.register_ffi_target(_FORWARD_TARGET, jax.ffi.pycapsule(lib.DdetrMsdaForward),
+                                    platform="cpu")
+        jax.ffi.register_ffi_target(_BACKWARD_TARGET, jax.ffi.pycapsule(lib.DdetrMsdaBackward),
+                                    platform="cpu")
+        _REGISTERED.append(None)
+      except Exception as e:  # noqa: BLE001 - kept and re-raised below.
+        _REGISTERED.append(e)
+    if _REGISTERED[0] is not None:
+      raise RuntimeError(f"the ms_deform_attn C++ kernel is unavailable: {_REGISTERED[0]}") \
+          from _REGISTERED[0]
 
 
-@functools.lru_cache(maxsize=None)
 def kernel_unavailable_reason() -> str | None:
   """None when the kernel builds and registers here, else why not (never raises)."""
   try:
@@ -199,8 +252,9 @@ def _partitioned(call, num_outputs: int, rule: str):
     # (n, B, ...) -> (n * B, ...), inputs not mapped broadcast first.
     args = [x if bat else jnp.broadcast_to(x, (axis_size, *x.shape))
             for x, bat in zip(args, in_batched)]
-    outs = batched(*[x.reshape(-1, *x.shape[2:]) for x in args])
-    unfold = lambda y: y.reshape(axis_size, -1, *y.shape[1:])
+    b = args[0].shape[1]  # explicit sizes: -1 is ambiguous for zero-size arrays
+    outs = batched(*[x.reshape(axis_size * b, *x.shape[2:]) for x in args])
+    unfold = lambda y: y.reshape(axis_size, b, *y.shape[1:])
     if num_outputs == 1:
       return unfold(outs), True
     return tuple(unfold(y) for y in outs), (True,) * num_outputs
@@ -215,17 +269,31 @@ def _ops(spatial_shapes):
           _partitioned(functools.partial(_backward_call, spatial_shapes), 3, _BACKWARD_RULE))
 
 
+def _compute_dtype(*arrays) -> jnp.dtype:
+  """float32 for half-precision inputs, float64 when any input is float64."""
+  return jnp.result_type(jnp.float32, *[x.dtype for x in arrays])
+
+
+def _forward(value, spatial_shapes, loc, attn):
+  ct = _compute_dtype(value, loc, attn)
+  return _ops(spatial_shapes)[0](value.astype(ct), loc.astype(ct), attn.astype(ct))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _msda(value, spatial_shapes, loc, attn):
-  return _ops(spatial_shapes)[0](value, loc, attn)
+  """-> (B, Q, M, D) in the compute dtype."""
+  return _forward(value, spatial_shapes, loc, attn)
 
 
 def _msda_fwd(value, spatial_shapes, loc, attn):
-  return _ops(spatial_shapes)[0](value, loc, attn), (value, loc, attn)
+  # Residuals in the inputs' own dtypes (bf16 stays bf16): cast again in the backward.
+  return _forward(value, spatial_shapes, loc, attn), (value, loc, attn)
 
 
 def _msda_bwd(spatial_shapes, residuals, g):
-  return tuple(_ops(spatial_shapes)[1](*residuals, g))
+  ct = _compute_dtype(*residuals)
+  grads = _ops(spatial_shapes)[1](*(x.astype(ct) for x in residuals), g.astype(ct))
+  return tuple(gr.astype(x.dtype) for gr, x in zip(grads, residuals))
 
 
 _msda.defvjp(_msda_fwd, _msda_bwd)
@@ -240,8 +308,6 @@ def ms_deform_attn_cpu(value: jax.Array, spatial_shapes, sampling_locations: jax
   _register()
   b, _, m, d = value.shape
   q = sampling_locations.shape[1]
-  ct = jnp.result_type(jnp.float32, value.dtype, sampling_locations.dtype,
-                       attention_weights.dtype)
-  out = _msda(value.astype(ct), tuple(spatial_shapes), sampling_locations.astype(ct),
-              attention_weights.astype(ct))
+  shapes = tuple((int(h), int(w)) for h, w in spatial_shapes)
+  out = _msda(value, shapes, sampling_locations, attention_weights)
   return out.reshape(b, q, m * d).astype(value.dtype)
