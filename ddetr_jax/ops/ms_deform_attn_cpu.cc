@@ -351,20 +351,15 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer value, ffi::AnyBuffe
   if (out->element_count() != g.batch * g.Q * g.M * g.D) {
     return ffi::Error::InvalidArgument("ms_deform_attn_cpu: output is not (B, Q, M, D)");
   }
-  std::function<void(int64_t)> fn;
-  if (t == ffi::DataType::F32) {
-    fn = [&](int64_t u) {
-      ForwardUnit<float>(g, u, value.typed_data<float>(), loc.typed_data<float>(),
-                         attn.typed_data<float>(), out->typed_data<float>());
-    };
-  } else {
-    fn = [&](int64_t u) {
-      ForwardUnit<double>(g, u, value.typed_data<double>(), loc.typed_data<double>(),
-                          attn.typed_data<double>(), out->typed_data<double>());
-    };
-  }
   const int64_t chunks = (g.Q + kForwardChunk - 1) / kForwardChunk;
-  if (!ParallelFor(pool, g.batch * g.M * chunks, fn)) {
+  auto run = [&](auto type_tag) {  // the same loop for float and double
+    using T = decltype(type_tag);
+    return ParallelFor(pool, g.batch * g.M * chunks, [&](int64_t u) {
+      ForwardUnit<T>(g, u, value.typed_data<T>(), loc.typed_data<T>(), attn.typed_data<T>(),
+                     out->typed_data<T>());
+    });
+  };
+  if (!(t == ffi::DataType::F32 ? run(float{}) : run(double{}))) {
     return ffi::Error::Internal("ms_deform_attn_cpu: the forward kernel failed");
   }
   return ffi::Error::Success();
@@ -389,23 +384,15 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer value, ffi::AnyBuff
       gattn->element_count() != attn.element_count()) {
     return ffi::Error::InvalidArgument("ms_deform_attn_cpu: gradient buffers do not fit");
   }
-  std::function<void(int64_t)> fn;
-  if (t == ffi::DataType::F32) {
-    fn = [&](int64_t u) {
-      BackwardUnit<float>(g, u, value.typed_data<float>(), loc.typed_data<float>(),
-                          attn.typed_data<float>(), gout.typed_data<float>(),
-                          gvalue->typed_data<float>(), gloc->typed_data<float>(),
-                          gattn->typed_data<float>());
-    };
-  } else {
-    fn = [&](int64_t u) {
-      BackwardUnit<double>(g, u, value.typed_data<double>(), loc.typed_data<double>(),
-                           attn.typed_data<double>(), gout.typed_data<double>(),
-                           gvalue->typed_data<double>(), gloc->typed_data<double>(),
-                           gattn->typed_data<double>());
-    };
-  }
-  if (!ParallelFor(pool, g.batch * g.M, fn)) {
+  auto run = [&](auto type_tag) {  // the same loop for float and double
+    using T = decltype(type_tag);
+    return ParallelFor(pool, g.batch * g.M, [&](int64_t u) {
+      BackwardUnit<T>(g, u, value.typed_data<T>(), loc.typed_data<T>(), attn.typed_data<T>(),
+                      gout.typed_data<T>(), gvalue->typed_data<T>(), gloc->typed_data<T>(),
+                      gattn->typed_data<T>());
+    });
+  };
+  if (!(t == ffi::DataType::F32 ? run(float{}) : run(double{}))) {
     return ffi::Error::Internal("ms_deform_attn_cpu: the backward kernel failed");
   }
   return ffi::Error::Success();
