@@ -63,6 +63,8 @@ import numpy as np
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from ddetr_jax.ops.ms_deform_attn import _compute_dtype
+
 _SOURCE = Path(__file__).with_name("ms_deform_attn_cpu.cc")
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 _FORWARD_TARGET = "ddetr_msda_cpu_forward"
@@ -267,11 +269,6 @@ def _ops(spatial_shapes):
   """(forward, backward) partitioned ops for one static set of level shapes."""
   return (_partitioned(functools.partial(_forward_call, spatial_shapes), 1, _FORWARD_RULE),
           _partitioned(functools.partial(_backward_call, spatial_shapes), 3, _BACKWARD_RULE))
-
-
-def _compute_dtype(*arrays) -> jnp.dtype:
-  """float32 for half-precision inputs, float64 when any input is float64."""
-  return jnp.result_type(jnp.float32, *[x.dtype for x in arrays])
 
 
 def _forward(value, spatial_shapes, loc, attn):
