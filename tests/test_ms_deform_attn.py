@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 from jax import test_util as jtu
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ddetr_jax.ops import ms_deform_attn as msda_module
 from ddetr_jax.ops.ms_deform_attn import ms_deform_attn
-from tests.msda_reference import ms_deform_attn_torch, random_problem
+from tests.msda_reference import (ms_deform_attn_torch, random_problem,
+                                  sharded_and_single_device_runs)
 
 
 def _random_shapes(rng, num_levels):
@@ -125,17 +125,7 @@ def test_vmap_matches_batched_call():
 
 
 def test_sharded_batch_equals_single_device():
-  assert jax.device_count() == 8, "conftest sets 8 fake CPU devices"
-  rng = np.random.default_rng(5)
-  shapes = ((6, 7), (3, 4), (2, 2))
-  value, loc, attn = random_problem(rng, shapes, b=8, q=9, dtype=np.float32)
-  mesh = Mesh(np.array(jax.devices()), ("data",))
-  shard = NamedSharding(mesh, P("data"))
-  fwd = jax.jit(lambda v, l, a: ms_deform_attn(v, shapes, l, a))
-  grad = jax.jit(jax.grad(lambda v, l, a: ms_deform_attn(v, shapes, l, a).sum(), argnums=(0, 1, 2)))
-  single = fwd(value, loc, attn), grad(value, loc, attn)
-  args = [jax.device_put(x, shard) for x in (value, loc, attn)]
-  sharded = fwd(*args), grad(*args)
+  _, _, _, single, sharded = sharded_and_single_device_runs("xla")
   assert sharded[0].sharding.spec[0] == "data"
   np.testing.assert_allclose(np.asarray(sharded[0]), np.asarray(single[0]), rtol=1e-6, atol=1e-6)
   for g_s, g_1 in zip(sharded[1], single[1]):

@@ -9,14 +9,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from jax import test_util as jtu
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ddetr_jax.ops import ms_deform_attn_cpu as cpu_module
 from ddetr_jax.ops.ms_deform_attn import ms_deform_attn
 from tests import msda_reference
-from tests.msda_reference import ms_deform_attn_torch, random_problem
+from tests.msda_reference import (impl_out_and_grads, random_problem,
+                                  sharded_and_single_device_runs, torch_out_and_grads)
 
 CASES = [  # (seed, spatial_shapes, D, P, Q, M)
     (0, ((37, 53),), 8, 1, 11, 2),
@@ -26,28 +25,15 @@ CASES = [  # (seed, spatial_shapes, D, P, Q, M)
 ]
 
 
-def _torch(value, shapes, loc, attn, cot):
-  tensors = [torch.tensor(x, requires_grad=True) for x in (value, loc, attn)]
-  out = ms_deform_attn_torch(tensors[0], shapes, tensors[1], tensors[2])
-  (out * torch.from_numpy(cot)).sum().backward()
-  return out.detach().numpy(), [t.grad.numpy() for t in tensors]
-
-
-def _jax(impl, value, shapes, loc, attn, cot):
-  fn = lambda v, l, a: ms_deform_attn(v, shapes, l, a, impl=impl)
-  out, vjp = jax.vjp(fn, *(jnp.asarray(x) for x in (value, loc, attn)))
-  return np.asarray(out), [np.asarray(g) for g in vjp(jnp.asarray(cot, out.dtype))]
-
-
 @pytest.mark.parametrize("seed,shapes,d,p,q,m", CASES)
 def test_forward_and_gradients_match_torch_and_xla_float64(seed, shapes, d, p, q, m):
   rng = np.random.default_rng(seed)
   value, loc, attn = random_problem(rng, shapes, b=2, q=q, m=m, d=d, p=p)
   cot = rng.normal(size=(2, q, m * d))
-  want_out, want_grads = _torch(value, shapes, loc, attn, cot)
+  want_out, want_grads = torch_out_and_grads(value, shapes, loc, attn, cot)
   with jax.enable_x64(True):
-    got_out, got_grads = _jax("cpu", value, shapes, loc, attn, cot)
-    xla_out, xla_grads = _jax("xla", value, shapes, loc, attn, cot)
+    got_out, got_grads = impl_out_and_grads("cpu", value, shapes, loc, attn, cot)
+    xla_out, xla_grads = impl_out_and_grads("xla", value, shapes, loc, attn, cot)
   assert got_out.dtype == np.float64
   msda_reference.assert_matches_torch_and_xla(got_out, got_grads, want_out, want_grads,
                                               xla_out, xla_grads)
@@ -58,7 +44,7 @@ def test_float32_jit_matches_torch(seed, shapes, d, p, q, m):
   rng = np.random.default_rng(100 + seed)
   value, loc, attn = random_problem(rng, shapes, b=2, q=q, m=m, d=d, p=p, dtype=np.float32)
   cot = rng.normal(size=(2, q, m * d)).astype(np.float32)
-  want_out, want_grads = _torch(value, shapes, loc, attn, cot)
+  want_out, want_grads = torch_out_and_grads(value, shapes, loc, attn, cot)
   fwd = jax.jit(lambda v, l, a: ms_deform_attn(v, shapes, l, a, impl="cpu"))
   got = np.asarray(fwd(value, loc, attn))
   assert got.dtype == np.float32
@@ -93,7 +79,7 @@ def test_value_gradient_sums_every_duplicate():
   loc[:, :, 0] = [(1 + 0.5) / 3, (2 + 0.5) / 4]
   attn = rng.uniform(0.5, 1.5, size=(1, q, 2, 1, p)).astype(np.float32)
   cot = rng.normal(size=(1, q, 2 * d)).astype(np.float32)
-  _, (grad_v, _, grad_a) = _jax("cpu", value, shapes, loc, attn, cot)
+  _, (grad_v, _, grad_a) = impl_out_and_grads("cpu", value, shapes, loc, attn, cot)
   want = np.einsum("qp,qd->d", attn[0, :, 0, 0].astype(np.float64),
                    cot[0, :, :d].astype(np.float64))
   np.testing.assert_allclose(grad_v[0, 2 * 3 + 1, 0], want, rtol=1e-5, atol=1e-5)
@@ -112,8 +98,8 @@ def test_borders_and_far_locations_are_finite_and_match_torch():
   loc = np.stack(np.broadcast_arrays(special[:, None], special[::-1, None]), -1)
   loc = np.broadcast_to(loc.reshape(1, 6, 1, 1, 1, 2), (1, 6, 1, 2, 1, 2)).copy()
   cot = np.ones((1, 6, 4), np.float32)
-  want_out, want_grads = _torch(value, shapes, loc, attn, cot)
-  got_out, got_grads = _jax("cpu", value, shapes, loc, attn, cot)
+  want_out, want_grads = torch_out_and_grads(value, shapes, loc, attn, cot)
+  got_out, got_grads = impl_out_and_grads("cpu", value, shapes, loc, attn, cot)
   assert np.isfinite(got_out).all() and all(np.isfinite(g).all() for g in got_grads)
   np.testing.assert_allclose(got_out, want_out, atol=1e-5)
   for name, g, w in zip(msda_reference.GRAD_NAMES, got_grads, want_grads):
@@ -144,18 +130,7 @@ def test_vmap_folds_into_the_batch():
 
 
 def test_sharded_batch_runs_per_shard_and_equals_single_device():
-  assert jax.device_count() == 8, "conftest sets 8 fake CPU devices"
-  rng = np.random.default_rng(5)
-  shapes = ((6, 7), (3, 4), (2, 2))
-  value, loc, attn = random_problem(rng, shapes, b=8, q=9, dtype=np.float32)
-  mesh = Mesh(np.array(jax.devices()), ("data",))
-  shard = NamedSharding(mesh, P("data"))
-  fwd = jax.jit(lambda v, l, a: ms_deform_attn(v, shapes, l, a, impl="cpu"))
-  grad = jax.jit(jax.grad(lambda v, l, a: ms_deform_attn(v, shapes, l, a, impl="cpu").sum(),
-                          argnums=(0, 1, 2)))
-  single = fwd(value, loc, attn), grad(value, loc, attn)
-  args = [jax.device_put(x, shard) for x in (value, loc, attn)]
-  sharded = fwd(*args), grad(*args)
+  fwd, grad, args, single, sharded = sharded_and_single_device_runs("cpu")
   assert sharded[0].sharding.spec[0] == "data"
   assert all(g.sharding.spec[0] == "data" for g in sharded[1])
   np.testing.assert_allclose(np.asarray(sharded[0]), np.asarray(single[0]), rtol=1e-6, atol=1e-6)
@@ -166,7 +141,7 @@ def test_sharded_batch_runs_per_shard_and_equals_single_device():
     hlo = fn.lower(*args).compile().as_text()
     calls = [line for line in hlo.splitlines() if "custom_call_target=\"ddetr_msda_cpu" in line]
     assert calls and "all-gather" not in hlo
-    assert all(f"f32[1,{value.shape[1]},2,8]" in line for line in calls), calls
+    assert all(f"f32[1,{args[0].shape[1]},2,8]" in line for line in calls), calls
 
 
 def test_remat_inside_scan_matches_xla():
@@ -240,8 +215,8 @@ def test_nan_location_gives_nan_where_xla_does():
   value, loc, attn = random_problem(rng, shapes, b=1, q=4, m=2, d=8, p=2, dtype=np.float32)
   loc[0, 1, 0, 1, 0, 0] = np.nan  # query 1, head 0, level 1, point 0: x is NaN
   cot = np.ones((1, 4, 16), np.float32)
-  got_out, got_grads = _jax("cpu", value, shapes, loc, attn, cot)
-  xla_out, xla_grads = _jax("xla", value, shapes, loc, attn, cot)
+  got_out, got_grads = impl_out_and_grads("cpu", value, shapes, loc, attn, cot)
+  xla_out, xla_grads = impl_out_and_grads("xla", value, shapes, loc, attn, cot)
   for got, want in ((got_out, xla_out), (got_grads[2], xla_grads[2])):
     np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
     np.testing.assert_allclose(got[~np.isnan(got)], want[~np.isnan(want)], rtol=1e-5, atol=1e-5)

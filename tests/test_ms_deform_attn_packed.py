@@ -8,27 +8,14 @@ import torch
 from ddetr_jax.ops import ms_deform_attn as msda_module
 from ddetr_jax.ops.ms_deform_attn import ms_deform_attn
 from tests import msda_reference
-from tests.msda_reference import ms_deform_attn_torch, random_problem
+from tests.msda_reference import (impl_out_and_grads, ms_deform_attn_torch,
+                                  random_problem, torch_out_and_grads)
 
 CASES = [  # (seed, spatial_shapes, D, P)
     (0, ((7, 5),), 8, 2),
     (1, ((1, 1), (6, 9), (3, 2)), 32, 4),
     (2, ((5, 11), (3, 6), (2, 3), (1, 2)), 8, 3),
 ]
-
-
-def _torch_grads(value, shapes, loc, attn, cot):
-  tensors = [torch.tensor(x, requires_grad=True) for x in (value, loc, attn)]
-  out = ms_deform_attn_torch(tensors[0], shapes, tensors[1], tensors[2])
-  (out * torch.from_numpy(cot)).sum().backward()
-  return out.detach().numpy(), [t.grad.numpy() for t in tensors]
-
-
-def _jax_out_and_grads(impl, value, shapes, loc, attn, cot):
-  def f(v, l, a):
-    return ms_deform_attn(v, shapes, l, a, impl=impl)
-  out, vjp = jax.vjp(f, *(jnp.asarray(x) for x in (value, loc, attn)))
-  return np.asarray(out), [np.asarray(g) for g in vjp(jnp.asarray(cot))]
 
 
 @pytest.mark.parametrize("seed,shapes,d,p", CASES)
@@ -43,10 +30,10 @@ def test_packed_matches_torch_and_xla_float64(seed, shapes, d, p, chunk, monkeyp
   loc[0, 1, 0, :, 0] = [1.0, 1.0]
   loc[1, 2, 1, :, 0] = [-5.0, 0.5]
   cot = rng.normal(size=(value.shape[0], loc.shape[1], value.shape[2] * d))
-  want_out, want_grads = _torch_grads(value, shapes, loc, attn, cot)
+  want_out, want_grads = torch_out_and_grads(value, shapes, loc, attn, cot)
   with jax.enable_x64(True):
-    got_out, got_grads = _jax_out_and_grads("xla_packed", value, shapes, loc, attn, cot)
-    xla_out, xla_grads = _jax_out_and_grads("xla", value, shapes, loc, attn, cot)
+    got_out, got_grads = impl_out_and_grads("xla_packed", value, shapes, loc, attn, cot)
+    xla_out, xla_grads = impl_out_and_grads("xla", value, shapes, loc, attn, cot)
   msda_reference.assert_matches_torch_and_xla(got_out, got_grads, want_out, want_grads,
                                               xla_out, xla_grads)
 

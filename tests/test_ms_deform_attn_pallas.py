@@ -6,32 +6,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 from ddetr_jax.ops import ms_deform_attn as msda_module
 from ddetr_jax.ops import ms_deform_attn_pallas as pallas_module
 from ddetr_jax.ops.ms_deform_attn import ms_deform_attn
 from ddetr_jax.ops.ms_deform_attn_pallas import ms_deform_attn_pallas
 from tests import msda_reference
-from tests.msda_reference import ms_deform_attn_torch, random_problem
+from tests.msda_reference import jax_out_and_grads, random_problem, torch_out_and_grads
 
 CASES = [  # (seed, spatial_shapes, D, P, Q, M); block_q=8, so Q is never a multiple of it
     (0, ((7, 5),), 32, 2, 11, 2),
     (1, ((1, 1), (6, 9), (3, 2)), 64, 2, 13, 1),
     (2, ((5, 11), (3, 6), (2, 3), (1, 2)), 32, 1, 9, 2),
 ]
-
-
-def _torch(value, shapes, loc, attn, cot):
-  tensors = [torch.tensor(x, requires_grad=True) for x in (value, loc, attn)]
-  out = ms_deform_attn_torch(tensors[0], shapes, tensors[1], tensors[2])
-  (out * torch.from_numpy(cot)).sum().backward()
-  return out.detach().numpy(), [t.grad.numpy() for t in tensors]
-
-
-def _jax(fn, value, loc, attn, cot):
-  out, vjp = jax.vjp(fn, *(jnp.asarray(x) for x in (value, loc, attn)))
-  return np.asarray(out), [np.asarray(g) for g in vjp(jnp.asarray(cot, out.dtype))]
 
 
 @pytest.mark.parametrize("seed,shapes,d,p,q,m", CASES)
@@ -41,11 +28,11 @@ def test_forward_and_gradients_match_torch_and_xla_float64(seed, shapes, d, p, q
   loc[0, 0, 0, :, 0] = [1.0, 0.0]       # exact map edges
   loc[0, 1, m - 1, :, 0] = [-4.0, 7.0]  # far outside
   cot = rng.normal(size=(1, q, m * d))
-  want_out, want_grads = _torch(value, shapes, loc, attn, cot)
+  want_out, want_grads = torch_out_and_grads(value, shapes, loc, attn, cot)
   with jax.enable_x64(True):
-    got_out, got_grads = _jax(
+    got_out, got_grads = jax_out_and_grads(
         lambda v, l, a: ms_deform_attn_pallas(v, shapes, l, a, block_q=8), value, loc, attn, cot)
-    xla_out, xla_grads = _jax(
+    xla_out, xla_grads = jax_out_and_grads(
         lambda v, l, a: ms_deform_attn(v, shapes, l, a), value, loc, attn, cot)
   assert got_out.dtype == np.float64
   msda_reference.assert_matches_torch_and_xla(got_out, got_grads, want_out, want_grads,
@@ -64,7 +51,7 @@ def test_value_gradient_sums_every_duplicate():
                         (1, q, 1, 1, p, 2)).copy()
   attn = rng.uniform(0.5, 1.5, size=(1, q, 1, 1, p)).astype(np.float32)
   cot = rng.normal(size=(1, q, d)).astype(np.float32)
-  _, (grad_v, _, grad_a) = _jax(
+  _, (grad_v, _, grad_a) = jax_out_and_grads(
       lambda v, l, a: ms_deform_attn_pallas(v, shapes, l, a, block_q=8), value, loc, attn, cot)
   want = np.einsum("qp,qd->d", attn[0, :, 0, 0].astype(np.float64), cot[0].astype(np.float64))
   np.testing.assert_allclose(grad_v[0, 2 * 3 + 1, 0], want, rtol=1e-5, atol=1e-5)
@@ -73,7 +60,7 @@ def test_value_gradient_sums_every_duplicate():
   np.testing.assert_allclose(grad_a[0, :, 0, 0],
                              np.broadcast_to((cot[0] @ value[0, 7, 0])[:, None], (q, p)),
                              rtol=1e-5, atol=1e-5)
-  _, torch_grads = _torch(value, shapes, loc, attn, cot)
+  _, torch_grads = torch_out_and_grads(value, shapes, loc, attn, cot)
   np.testing.assert_allclose(grad_v, torch_grads[0], rtol=1e-5, atol=1e-5)
 
 
