@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from ddetr_jax.models import initializers
 from ddetr_jax.models.deformable_attention import MSDeformAttn
+from ddetr_jax.models.dropout import Dropout
 from ddetr_jax.models.position_encoding import proposal_sine_embedding
 
 SpatialShapes = tuple[tuple[int, int], ...]
@@ -92,10 +93,10 @@ class FeedForward(nn.Module):
     xavier = initializers.xavier_uniform()
     h = nn.Dense(self.dim_feedforward, dtype=self.dtype, kernel_init=xavier,
                  bias_init=initializers.torch_bias_default(self.d_model), name="linear1")(x)
-    h = nn.Dropout(self.dropout)(nn.relu(h), deterministic=self.deterministic)
+    h = Dropout(self.dropout)(nn.relu(h), deterministic=self.deterministic)
     h = nn.Dense(self.d_model, dtype=self.dtype, kernel_init=xavier,
                  bias_init=initializers.torch_bias_default(self.dim_feedforward), name="linear2")(h)
-    return nn.Dropout(self.dropout)(h, deterministic=self.deterministic)
+    return Dropout(self.dropout)(h, deterministic=self.deterministic)
 
 
 class MultiHeadSelfAttention(nn.Module):
@@ -121,7 +122,7 @@ class MultiHeadSelfAttention(nn.Module):
     values = dense("v_proj", in_init)(value).reshape(b, q, m, head_dim)
     logits = jnp.einsum("bqmd,bkmd->bmqk", queries * (head_dim ** -0.5), keys)  # [B, M, Q, Q]
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    weights = nn.Dropout(self.dropout)(weights, deterministic=self.deterministic)
+    weights = Dropout(self.dropout)(weights, deterministic=self.deterministic)
     out = jnp.einsum("bmqk,bkmd->bqmd", weights.astype(values.dtype), values).reshape(b, q, c)
     return dense("out_proj", initializers.xavier_uniform())(out)
 
@@ -146,7 +147,7 @@ class EncoderLayer(nn.Module):
     attn = MSDeformAttn(self.d_model, self.n_levels, self.n_heads, self.n_points,
                         attention_impl=self.attention_impl, dtype=self.dtype, name="self_attn")(
                             src + pos, reference_points, src, self.spatial_shapes, padding_mask)
-    src = src + nn.Dropout(self.dropout)(attn, deterministic=self.deterministic)
+    src = src + Dropout(self.dropout)(attn, deterministic=self.deterministic)
     src = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="norm1")(src)
     src = src + FeedForward(self.d_model, self.dim_feedforward, self.dropout, self.deterministic,
                             self.dtype, name="ffn")(src)
@@ -171,7 +172,7 @@ class DecoderLayer(nn.Module):
                memory: jax.Array, memory_padding_mask: jax.Array) -> jax.Array:
     """tgt, query_pos: [B, Q, C]; reference_points: [B, Q, L, 2 or 4]; memory: [B, S, C];
     memory_padding_mask: [B, S] -> [B, Q, C]."""
-    drop = lambda x: nn.Dropout(self.dropout)(x, deterministic=self.deterministic)
+    drop = lambda x: Dropout(self.dropout)(x, deterministic=self.deterministic)
     attn = MultiHeadSelfAttention(self.d_model, self.n_heads, self.dropout, self.deterministic,
                                   self.dtype, name="self_attn")(tgt + query_pos, tgt)
     tgt = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="norm2")(tgt + drop(attn))
