@@ -12,8 +12,10 @@ configs/deformable_detr.py:default (ResNet-50, 6+6 layers, 300 queries); `tiny` 
 configs/tiny.py. The JAX model's sampler is `--attention_impl` (default "auto": the C++ kernel on
 the CPU, as configs/shapes.py uses; HF's model on the CPU runs its PyTorch grid_sample
 formulation). Also times the backbone alone (forward + backward of stages 2-4) in both
-frameworks, since at the tiny size it is most of the step. Prints a table and one JSON line per
-config.
+frameworks, since at the tiny size it is most of the step, and the work per step: XLA's cost
+analysis of the compiled JAX step (all arithmetic) and torch's FlopCounterMode over one HF step
+(matmuls and convolutions, forward + backward), each as a share of that framework's 2048^3
+float32 matmul speed measured in the same run. Prints a table and one JSON line per config.
 """
 import argparse
 import json
@@ -68,6 +70,8 @@ def bench_jax(config, batch: dict, steps: int) -> dict:
   start = time.perf_counter()
   compiled = step_fn.lower(state, device_batch).compile()
   compile_s = time.perf_counter() - start
+  cost = compiled.cost_analysis() or {}
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   state, metrics = compiled(state, device_batch)  # warm-up
   jax.block_until_ready(metrics)
   start = time.perf_counter()
@@ -75,7 +79,7 @@ def bench_jax(config, batch: dict, steps: int) -> dict:
     state, metrics = compiled(state, device_batch)
   jax.block_until_ready(metrics)
   return {"compile_s": compile_s, "step_s": (time.perf_counter() - start) / steps,
-          "loss": float(metrics["loss"])}
+          "loss": float(metrics["loss"]), "gflop": float(cost.get("flops", float("nan"))) / 1e9}
 
 
 def bench_hf(config, batch: dict, steps: int) -> dict:
@@ -127,7 +131,25 @@ def bench_hf(config, batch: dict, steps: int) -> dict:
   start = time.perf_counter()
   for _ in range(steps):
     loss = step()
-  return {"step_s": (time.perf_counter() - start) / steps, "loss": loss}
+  step_s = (time.perf_counter() - start) / steps
+  from torch.utils.flop_counter import FlopCounterMode  # pylint: disable=g-import-not-at-top
+  with FlopCounterMode(display=False) as counter:  # matmuls and convolutions, forward + backward.
+    step()
+  return {"step_s": step_s, "loss": loss, "gflop": counter.get_total_flops() / 1e9}
+
+
+def matmul_peaks(size: int = 2048, repeats: int = 10) -> tuple[float, float]:
+  """GFLOP/s of a [size, size] @ [size, size] float32 matmul in XLA and in torch."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  flop = 2 * size ** 3 / 1e9
+  a = jnp.ones((size, size), jnp.float32)
+  matmul = jax.jit(jnp.matmul)
+  jax_s = _median_seconds(lambda: jax.block_until_ready(matmul(a, a)), repeats)
+  t = torch.ones(size, size)
+  torch_s = _median_seconds(lambda: t @ t, repeats)
+  return flop / jax_s, flop / torch_s
 
 
 def _median_seconds(fn, steps: int) -> float:
@@ -207,8 +229,11 @@ def main():
         f"with {torch.get_num_threads()} threads; batch {args.batch}, {args.size}x{args.size} px, "
         f"{args.steps} timed steps; JAX matcher {args.matcher}, sampler impl {impl!r}; glibc malloc "
         f"{'tuned (ddetr_jax.host_malloc)' if malloc_tuned else 'left at its defaults'}")
+  jax_peak, torch_peak = matmul_peaks()
+  print(f"2048^3 float32 matmul: XLA {jax_peak:.0f} GFLOP/s, torch {torch_peak:.0f} GFLOP/s")
   print(f"{'config':8s} {'jax compile s':>14s} {'jax s/step':>11s} {'hf s/step':>10s} "
-        f"{'jax/hf':>7s} {'jax backbone s':>15s} {'hf backbone s':>14s}")
+        f"{'jax/hf':>7s} {'jax backbone s':>15s} {'hf backbone s':>14s} {'jax GFLOP':>10s} "
+        f"{'hf GFLOP':>9s} {'jax % peak':>10s} {'hf % peak':>9s}")
   nan = float("nan")
   for name in args.configs.split(","):
     config = _config(name)
@@ -222,11 +247,17 @@ def main():
       hf_result = bench_hf(config, batch, args.steps)
       hf_result["backbone_s"] = bench_hf_backbone(config, batch, args.steps)
     ratio = jax_result["step_s"] / hf_result["step_s"] if hf_result else nan
+    hf_gflop = hf_result["gflop"] if hf_result else nan
+    jax_pct = 100 * jax_result["gflop"] / jax_result["step_s"] / jax_peak
+    hf_pct = 100 * hf_gflop / hf_result["step_s"] / torch_peak if hf_result else nan
     print(f"{name:8s} {jax_result['compile_s']:14.1f} {jax_result['step_s']:11.3f} "
           f"{hf_result['step_s'] if hf_result else nan:10.3f} {ratio:7.2f} "
-          f"{jax_result['backbone_s']:15.3f} {hf_result['backbone_s'] if hf_result else nan:14.3f}")
-    print(json.dumps({"config": name, "attention_impl": impl, "batch": args.batch, "size": args.size, "jax": jax_result,
-                      "hf": hf_result, "jax_over_hf": ratio}))
+          f"{jax_result['backbone_s']:15.3f} {hf_result['backbone_s'] if hf_result else nan:14.3f} "
+          f"{jax_result['gflop']:10.1f} {hf_gflop:9.1f} {jax_pct:10.0f} {hf_pct:9.0f}")
+    print(json.dumps({"config": name, "attention_impl": impl, "batch": args.batch,
+                      "size": args.size, "jax": jax_result, "hf": hf_result,
+                      "jax_over_hf": ratio, "matmul_gflops": {"xla": jax_peak,
+                                                             "torch": torch_peak}}))
 
 
 if __name__ == "__main__":
