@@ -71,7 +71,6 @@ def bench_jax(config, batch: dict, steps: int) -> dict:
   compiled = step_fn.lower(state, device_batch).compile()
   compile_s = time.perf_counter() - start
   cost = compiled.cost_analysis() or {}
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   state, metrics = compiled(state, device_batch)  # warm-up
   jax.block_until_ready(metrics)
   start = time.perf_counter()

@@ -11,41 +11,29 @@ from ddetr_jax.models import initializers
 from ddetr_jax.models.backbone import Conv1x1
 
 
-def _torch_conv(x, kernel, bias, stride, padding, cotangent):
-  """x: [B, H, W, C] numpy; kernel: [kh, kw, C, O] -> (out, dx, dkernel, dbias) in JAX layouts."""
+def _torch_conv(x, kernel, stride, cotangent):
+  """x: [B, H, W, C] numpy; kernel: [1, 1, C, O] -> (out, dx, dkernel) in JAX layouts."""
   tx = torch.tensor(x.transpose(0, 3, 1, 2), dtype=torch.float64, requires_grad=True)
   tk = torch.tensor(kernel.transpose(3, 2, 0, 1), dtype=torch.float64, requires_grad=True)
-  tb = None if bias is None else torch.tensor(bias, dtype=torch.float64, requires_grad=True)
-  out = torch.nn.functional.conv2d(tx, tk, tb, stride=stride, padding=padding)
+  out = torch.nn.functional.conv2d(tx, tk, stride=stride)
   out.backward(torch.tensor(cotangent.transpose(0, 3, 1, 2), dtype=torch.float64))
   return (out.detach().numpy().transpose(0, 2, 3, 1), tx.grad.numpy().transpose(0, 2, 3, 1),
-          tk.grad.numpy().transpose(2, 3, 1, 0), None if tb is None else tb.grad.numpy())
-
-
-def _check(module, x, stride, padding, use_bias):
-  params = module.init(jax.random.PRNGKey(0), jnp.asarray(x))["params"]
-  kernel = np.asarray(params["kernel"])
-  bias = np.asarray(params["bias"]) if use_bias else None
-  if use_bias:  # a non-zero bias, so its gradient and its addition are checked too.
-    bias = np.random.default_rng(1).normal(size=bias.shape)
-    params = dict(params, bias=jnp.asarray(bias, jnp.float32))
-  out = module.apply({"params": params}, jnp.asarray(x))
-  cotangent = np.random.default_rng(2).normal(size=out.shape)
-  ref_out, ref_dx, ref_dk, ref_db = _torch_conv(x, kernel, bias, stride, padding, cotangent)
-  assert out.shape == ref_out.shape
-  np.testing.assert_allclose(np.asarray(out), ref_out, rtol=1e-4, atol=1e-4)
-  _, vjp = jax.vjp(lambda p, x: module.apply({"params": p}, x), params, jnp.asarray(x))
-  dparams, dx = vjp(jnp.asarray(cotangent, jnp.float32))
-  np.testing.assert_allclose(np.asarray(dx), ref_dx, rtol=1e-4, atol=1e-4)
-  np.testing.assert_allclose(np.asarray(dparams["kernel"]), ref_dk, rtol=1e-4, atol=1e-3)
-  if use_bias:
-    np.testing.assert_allclose(np.asarray(dparams["bias"]), ref_db, rtol=1e-4, atol=1e-3)
+          tk.grad.numpy().transpose(2, 3, 1, 0))
 
 
 @pytest.mark.parametrize("stride,h,w", [(1, 5, 6), (2, 7, 8), (2, 1, 1)])
 def test_conv1x1_matches_torch(stride, h, w):
   x = np.random.default_rng(3).normal(size=(2, h, w, 6)).astype(np.float32)
-  _check(Conv1x1(5, stride), x, stride=stride, padding=0, use_bias=False)
+  module = Conv1x1(5, stride)
+  params = module.init(jax.random.PRNGKey(0), jnp.asarray(x))["params"]
+  out, vjp = jax.vjp(lambda p, x: module.apply({"params": p}, x), params, jnp.asarray(x))
+  cotangent = np.random.default_rng(2).normal(size=out.shape)
+  ref_out, ref_dx, ref_dk = _torch_conv(x, np.asarray(params["kernel"]), stride, cotangent)
+  assert out.shape == ref_out.shape
+  np.testing.assert_allclose(np.asarray(out), ref_out, rtol=1e-4, atol=1e-4)
+  dparams, dx = vjp(jnp.asarray(cotangent, jnp.float32))
+  np.testing.assert_allclose(np.asarray(dx), ref_dx, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(dparams["kernel"]), ref_dk, rtol=1e-4, atol=1e-3)
 
 
 def test_same_parameters_and_init_as_nn_conv():

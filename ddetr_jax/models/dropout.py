@@ -2,8 +2,8 @@
 
 `flax.linen.Dropout` draws its mask with `jax.random.bernoulli`. On the CPU, JAX lowers
 Threefry with a rolled 5-iteration loop, so every round writes and reads two full uint32 arrays
-of the activation's size; in the Deformable DETR train step that made dropout about a tenth of
-the step's time. Here the same hash, Threefry-2x32 with 20 rounds (Salmon et al. 2011, the
+of the activation's size; in the Deformable DETR train step (ResNet-50, 256 px, on a 2-core
+CPU) that made dropout 18% of the summed op time. Here the same hash, Threefry-2x32 with 20 rounds (Salmon et al. 2011, the
 function `jax.extend.random.threefry_2x32` computes), is written out round by round on the
 flat element index, so XLA fuses key schedule, rounds, threshold and select into a single loop
 over the activation, on every backend.
@@ -51,7 +51,7 @@ def keep_mask(rng: jax.Array, rate: float, shape: tuple[int, ...]) -> jax.Array:
     raise ValueError(f"dropout on {size} elements (shape {shape}): the uint32 counter covers "
                      f"fewer than 2**32 elements per array")
   words = jax.random.bits(rng, (2,), jnp.uint32)
-  index = lax.iota(jnp.uint32, size).reshape(shape) if shape else jnp.zeros((), jnp.uint32)
+  index = lax.iota(jnp.uint32, size).reshape(shape)
   bits, _ = threefry2x32(words[0], words[1], index, jnp.zeros_like(index))
   threshold = np.uint32(min(round(rate * 2.0 ** 32), 2 ** 32 - 1))
   return bits >= threshold
