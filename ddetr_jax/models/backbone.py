@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from ddetr_jax.models import initializers
+from ddetr_jax.models.conv1x1 import Conv1x1
 
 # depth -> (block type, blocks per stage)
 RESNET_LAYOUTS = {
@@ -83,30 +84,6 @@ def _conv(features: int, kernel: int, stride: int, dilation: int, dtype: Any, na
                  kernel_init=initializers.kaiming_normal_fan_out(), name=name)
 
 
-class Conv1x1(nn.Module):
-  """A bias-free 1x1 convolution (stride by subsampling) computed as a matmul over channels.
-
-  Same parameter as `nn.Conv` ("kernel", (1, 1, C_in, features), the same initializer), so
-  checkpoints and the torchvision key mapping are unchanged. Why not `nn.Conv`: XLA:CPU runs the
-  convolution's backward about 2.6x slower than torch does on this project's CPU, while a dot's
-  backward is two dots; writing the ResNet-50 bottleneck's 1x1 convs as matmuls took the
-  backbone's forward + backward from 0.54-0.61 s to 0.43-0.45 s (README, "Training").
-  x: [B, H, W, C_in] -> [B, ceil(H / stride), ceil(W / stride), features].
-  """
-  features: int
-  stride: int = 1
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.param("kernel", initializers.kaiming_normal_fan_out(),
-                        (1, 1, x.shape[-1], self.features), jnp.float32)
-    if self.stride > 1:
-      x = x[:, ::self.stride, ::self.stride]
-    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-    return jnp.einsum("bhwi,io->bhwo", x, kernel[0, 0])
-
-
 class BasicBlock(nn.Module):
   """Two 3x3 convs (ResNet-18/34). Dilation applies to both convs (torchvision refuses dilation
   in basic blocks; this extension lets small backbones run the DC5 variant)."""
@@ -125,7 +102,7 @@ class BasicBlock(nn.Module):
     out = _conv(self.planes, 3, 1, self.dilation, self.dtype, "conv2")(out)
     out = _norm(self.norm, self.planes, "bn2", self.dtype, zero_init=True)(out)
     if self.downsample:
-      x = _conv(self.planes, 1, self.stride, 1, self.dtype, "downsample_conv")(x)
+      x = Conv1x1(self.planes, self.stride, self.dtype, name="downsample_conv")(x)
       x = _norm(self.norm, self.planes, "downsample_bn", self.dtype)(x)
     return nn.relu(out + x)
 

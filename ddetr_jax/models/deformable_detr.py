@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from ddetr_jax.models import initializers
 from ddetr_jax.models.backbone import ResNet
+from ddetr_jax.models.conv1x1 import Conv1x1
 from ddetr_jax.models.masks import resize_padding_mask, valid_ratios
 from ddetr_jax.models.position_encoding import sine_position_encoding
 from ddetr_jax.models.transformer import DeformableTransformer, inverse_sigmoid
@@ -36,6 +37,10 @@ class InputProjection(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [B, H, W, C_in] -> [B, ceil(H / stride), ceil(W / stride), features]."""
+    if self.kernel == 1 and self.stride == 1:
+      x = Conv1x1(self.features, dtype=self.dtype, use_bias=True,
+                  kernel_init=initializers.xavier_uniform(), name="conv")(x)
+      return nn.GroupNorm(num_groups=32, epsilon=1e-5, dtype=self.dtype, name="group_norm")(x)
     pad = self.kernel // 2
     x = nn.Conv(self.features, (self.kernel, self.kernel), strides=(self.stride, self.stride),
                 padding=((pad, pad), (pad, pad)), dtype=self.dtype,
