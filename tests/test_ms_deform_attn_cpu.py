@@ -129,6 +129,43 @@ def test_vmap_folds_into_the_batch():
   np.testing.assert_allclose(np.asarray(g_map), np.asarray(g_bat), rtol=1e-6, atol=1e-6)
 
 
+def _all_shapes(jaxpr) -> list[tuple]:
+  """Shapes of every value an (inner) equation of a jaxpr produces, sub-jaxprs included."""
+  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+  shapes = []
+  for eqn in jaxpr.eqns:
+    shapes += [tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape")]
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns"):
+          shapes += _all_shapes(sub)
+  return shapes
+
+
+def test_vmap_with_a_shared_value_folds_into_the_queries():
+  """vmap over query sets with the value map not mapped: one call whose queries are the n
+  sets, equal to n separate calls, with no n-fold copy of value in the forward."""
+  rng = np.random.default_rng(5)
+  shapes = ((6, 5), (3, 2))
+  value, loc, attn = random_problem(rng, shapes, b=4, q=7, m=2, d=8, dtype=np.float32)
+  one = lambda v, l, a: ms_deform_attn(v[None], shapes, l[None], a[None], impl="cpu")[0]
+  for in_axes, a_arg in (((None, 0, 0), attn), ((None, 0, None), attn[0])):
+    shared = jax.vmap(one, in_axes=in_axes)
+    out = np.asarray(shared(value[0], loc, a_arg))
+    for i in range(4):
+      want = one(value[0], loc[i], a_arg if in_axes[2] is None else a_arg[i])
+      np.testing.assert_allclose(out[i], np.asarray(want), rtol=1e-6, atol=1e-6)
+    produced = _all_shapes(jax.make_jaxpr(shared)(value[0], loc, a_arg))
+    assert (1, 4 * 7, 2, 8) in produced  # the single call's output: 4 sets of 7 queries
+    copies = [sh for sh in produced
+              if sh[-3:] == value[0].shape and np.prod(sh) == 4 * value[0].size]
+    assert not copies, copies
+  # The gradient (whose backward does broadcast value) is the sum of the separate ones.
+  g_shared = jax.grad(lambda v: jax.vmap(one, in_axes=(None, 0, 0))(v, loc, attn).sum())(value[0])
+  g_sum = sum(jax.grad(lambda v, i=i: one(v, loc[i], attn[i]).sum())(value[0]) for i in range(4))
+  np.testing.assert_allclose(np.asarray(g_shared), np.asarray(g_sum), rtol=1e-5, atol=1e-5)
+
+
 def test_sharded_batch_runs_per_shard_and_equals_single_device():
   fwd, grad, args, single, sharded = sharded_and_single_device_runs("cpu")
   assert sharded[0].sharding.spec[0] == "data"

@@ -40,7 +40,8 @@ dtype.
 Batching and sharding: the custom call is partitioned along batch (`custom_partitioning`, with
 a Shardy rule that lets only the batch factor be sharded): a batch-sharded call runs the kernel
 on each device's shard, with no gather of other devices' values, like impl="xla". vmap folds
-the mapped axis into the batch (`custom_vmap`).
+the mapped axis into the batch (`custom_vmap`); a forward vmapped over query sets with the
+value map shared folds it into the queries instead, so the value map is not copied per set.
 """
 from __future__ import annotations
 
@@ -251,6 +252,8 @@ def _partitioned(call, num_outputs: int, rule: str):
 
   @batched.def_vmap
   def _fold(axis_size, in_batched, *args):
+    if num_outputs == 1 and not in_batched[0]:
+      return _fold_into_queries(batched, axis_size, in_batched, *args), True
     # (n, B, ...) -> (n * B, ...), inputs not mapped broadcast first.
     args = [x if bat else jnp.broadcast_to(x, (axis_size, *x.shape))
             for x, bat in zip(args, in_batched)]
@@ -262,6 +265,25 @@ def _partitioned(call, num_outputs: int, rule: str):
     return tuple(unfold(y) for y in outs), (True,) * num_outputs
 
   return batched
+
+
+def _fold_into_queries(forward, axis_size, in_batched, value, *query_args):
+  """The forward under vmap with the value map shared (not mapped): the n query sets become
+  one call's queries, (n, B, Q, ...) -> (B, n * Q, ...), so value is not copied n times.
+
+  Only the forward can do this: the backward must return one value gradient per mapped
+  element, so there value is broadcast like any other input.
+  """
+  b, q = value.shape[0], None
+  folded = []
+  for x, bat in zip(query_args, in_batched[1:]):
+    # (n, B, Q, ...) -> (B, n, Q, ...); an unmapped (B, Q, ...) is broadcast to that.
+    x = jnp.moveaxis(x, 0, 1) if bat else jnp.broadcast_to(
+        x[:, None], (b, axis_size, *x.shape[1:]))
+    q = x.shape[2]  # explicit sizes: -1 is ambiguous for zero-size arrays
+    folded.append(x.reshape(b, axis_size * q, *x.shape[3:]))
+  out = forward(value, *folded)  # (B, n * Q, M, D)
+  return jnp.moveaxis(out.reshape(b, axis_size, q, *out.shape[2:]), 1, 0)
 
 
 @functools.lru_cache(maxsize=None)
