@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import test_util as jtu
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ddetr_jax.ops import ms_deform_attn_cpu as cpu_module
 from ddetr_jax.ops.ms_deform_attn import ms_deform_attn
@@ -176,6 +177,28 @@ def test_sharded_batch_runs_per_shard_and_equals_single_device():
   # Each device's kernel sees its own batch element only: no gather of the others' values.
   for fn in (fwd, grad):
     hlo = fn.lower(*args).compile().as_text()
+    calls = [line for line in hlo.splitlines() if "custom_call_target=\"ddetr_msda_cpu" in line]
+    assert calls and "all-gather" not in hlo
+    assert all(f"f32[1,{args[0].shape[1]},2,8]" in line for line in calls), calls
+
+
+@pytest.mark.parametrize("sharded_arg", ["value", "queries"])
+def test_one_batch_sharded_operand_splits_all_locally(sharded_arg):
+  """Only value, or only the locations and weights, batch-sharded (the other replicated): the
+  kernel still runs per batch shard, slicing the replicated operands, with no all-gather."""
+  fwd, grad, args, single, _ = sharded_and_single_device_runs("cpu")
+  replicated = NamedSharding(args[0].sharding.mesh, P())
+  value, loc, attn = args
+  if sharded_arg == "value":
+    loc, attn = jax.device_put(loc, replicated), jax.device_put(attn, replicated)
+  else:
+    value = jax.device_put(value, replicated)
+  mixed = (value, loc, attn)
+  np.testing.assert_allclose(np.asarray(fwd(*mixed)), np.asarray(single[0]), rtol=1e-6, atol=1e-6)
+  for g_m, g_1 in zip(grad(*mixed), single[1]):
+    np.testing.assert_allclose(np.asarray(g_m), np.asarray(g_1), rtol=1e-6, atol=1e-6)
+  for fn in (fwd, grad):
+    hlo = fn.lower(*mixed).compile().as_text()
     calls = [line for line in hlo.splitlines() if "custom_call_target=\"ddetr_msda_cpu" in line]
     assert calls and "all-gather" not in hlo
     assert all(f"f32[1,{args[0].shape[1]},2,8]" in line for line in calls), calls

@@ -222,10 +222,15 @@ _BACKWARD_RULE = ("b s m d, b q m l p c, b q m l p, b q m d -> "
 _REPLICATED_FACTORS = ("s", "m", "d", "q", "l", "p", "c")
 
 
-def _batch_sharding(mesh, shape_with_sharding) -> NamedSharding:
-  """value's sharding reduced to its batch axis: the only axis the kernel may be split along."""
-  spec = getattr(shape_with_sharding.sharding, "spec", None)
-  return NamedSharding(mesh, P(spec[0] if spec else None))
+def _batch_sharding(mesh, arg_shapes) -> NamedSharding:
+  """The batch axis' sharding of the first operand split along its batch (value, then the
+  query-shaped ones), else replicated: every operand is then split the same way, locally (a
+  slice of a replicated operand needs no communication), rather than all-gathered."""
+  for shape in arg_shapes:
+    spec = getattr(shape.sharding, "spec", None)
+    if spec and spec[0] is not None:
+      return NamedSharding(mesh, P(spec[0]))
+  return NamedSharding(mesh, P())
 
 
 def _partitioned(call, num_outputs: int, rule: str):
@@ -235,12 +240,12 @@ def _partitioned(call, num_outputs: int, rule: str):
 
   def infer(mesh, arg_shapes, result_shape):
     del result_shape
-    out = _batch_sharding(mesh, arg_shapes[0])
+    out = _batch_sharding(mesh, arg_shapes)
     return out if num_outputs == 1 else (out,) * num_outputs
 
   def partition(mesh, arg_shapes, result_shape):
     del result_shape
-    sharding = _batch_sharding(mesh, arg_shapes[0])
+    sharding = _batch_sharding(mesh, arg_shapes)
     outs = sharding if num_outputs == 1 else (sharding,) * num_outputs
     return mesh, call, outs, (sharding,) * len(arg_shapes)
 
