@@ -28,7 +28,8 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 
 
 class InputProjection(nn.Module):
-  """Conv (1x1, or 3x3 stride 2 for extra levels) + GroupNorm(32) to d_model channels."""
+  """Conv (1x1 as a `Conv1x1` matmul, or 3x3 stride 2 for extra levels) + GroupNorm(32) to
+  d_model channels."""
   features: int
   kernel: int = 1
   stride: int = 1
@@ -40,12 +41,12 @@ class InputProjection(nn.Module):
     if self.kernel == 1 and self.stride == 1:
       x = Conv1x1(self.features, dtype=self.dtype, use_bias=True,
                   kernel_init=initializers.xavier_uniform(), name="conv")(x)
-      return nn.GroupNorm(num_groups=32, epsilon=1e-5, dtype=self.dtype, name="group_norm")(x)
-    pad = self.kernel // 2
-    x = nn.Conv(self.features, (self.kernel, self.kernel), strides=(self.stride, self.stride),
-                padding=((pad, pad), (pad, pad)), dtype=self.dtype,
-                kernel_init=initializers.xavier_uniform(), bias_init=nn.initializers.zeros,
-                name="conv")(x)
+    else:
+      pad = self.kernel // 2
+      x = nn.Conv(self.features, (self.kernel, self.kernel), strides=(self.stride, self.stride),
+                  padding=((pad, pad), (pad, pad)), dtype=self.dtype,
+                  kernel_init=initializers.xavier_uniform(), bias_init=nn.initializers.zeros,
+                  name="conv")(x)
     return nn.GroupNorm(num_groups=32, epsilon=1e-5, dtype=self.dtype, name="group_norm")(x)
 
 
