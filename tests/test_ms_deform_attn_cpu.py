@@ -23,6 +23,7 @@ CASES = [  # (seed, spatial_shapes, D, P, Q, M)
     (1, ((1, 1), (6, 9), (3, 2)), 32, 4, 13, 3),
     (2, ((5, 11), (3, 6), (2, 3), (1, 2)), 8, 4, 9, 2),
     (3, ((17, 4), (1, 30), (9, 9), (2, 1)), 32, 1, 7, 1),
+    (4, ((7, 6), (3, 4)), 64, 2, 5, 2),  # D 32 and 64 run the kernel's compiled-D units
 ]
 
 
@@ -269,12 +270,13 @@ def test_build_is_cached_per_source_and_compiler_errors_are_named(tmp_path, monk
   assert sorted(os.listdir(tmp_path / "kernels")) == [path.name]  # the failed build left nothing
 
 
-def test_nan_location_gives_nan_where_xla_does():
+@pytest.mark.parametrize("d", [8, 32])  # the generic and a compiled-D unit
+def test_nan_location_gives_nan_where_xla_does(d):
   rng = np.random.default_rng(9)
   shapes = ((4, 5), (2, 3))
-  value, loc, attn = random_problem(rng, shapes, b=1, q=4, m=2, d=8, p=2, dtype=np.float32)
+  value, loc, attn = random_problem(rng, shapes, b=1, q=4, m=2, d=d, p=2, dtype=np.float32)
   loc[0, 1, 0, 1, 0, 0] = np.nan  # query 1, head 0, level 1, point 0: x is NaN
-  cot = np.ones((1, 4, 16), np.float32)
+  cot = np.ones((1, 4, 2 * d), np.float32)
   got_out, got_grads = impl_out_and_grads("cpu", value, shapes, loc, attn, cot)
   xla_out, xla_grads = impl_out_and_grads("xla", value, shapes, loc, attn, cot)
   for got, want in ((got_out, xla_out), (got_grads[2], xla_grads[2])):
@@ -286,7 +288,7 @@ def test_nan_location_gives_nan_where_xla_does():
   others = np.ones(loc.shape, bool)
   others[0, 1, 0, 1, 0] = False
   np.testing.assert_allclose(got_grads[1][others], xla_grads[1][others], rtol=1e-5, atol=1e-5)
-  assert np.isnan(got_out[0, 1, :8]).all() and np.isfinite(np.delete(got_out, 1, axis=1)).all()
+  assert np.isnan(got_out[0, 1, :d]).all() and np.isfinite(np.delete(got_out, 1, axis=1)).all()
   assert np.isnan(got_grads[2][0, 1, 0, 1, 0]) and np.isfinite(got_grads[0]).all()
 
 

@@ -25,6 +25,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -241,13 +242,15 @@ void PrefetchValueRows(const Geometry& g, const T* lq, const T* vb) {
 constexpr int64_t kForwardChunk = 1024;
 
 // out[b, q, m, :] = sum_{l, p, corner} attn * weight * value[b, start_l + pixel, m, :], for
-// the queries of one (b, m, chunk) unit.
-template <typename T>
+// the queries of one (b, m, chunk) unit. kD > 0 is the head dim D known at compile time: the
+// output row then accumulates in a local array the compiler keeps in vector registers, instead
+// of a load and a store of the row per corner; kD == 0 reads D from g.
+template <typename T, int kD>
 void ForwardUnit(const Geometry& g, int64_t unit, const T* __restrict value,
                  const T* __restrict loc, const T* __restrict attn, T* __restrict out) {
   const int64_t chunks = (g.Q + kForwardChunk - 1) / kForwardChunk;
   const int64_t bm = unit / chunks, chunk = unit % chunks;
-  const int64_t b = bm / g.M, m = bm % g.M, D = g.D, LP = g.L * g.P;
+  const int64_t b = bm / g.M, m = bm % g.M, D = kD > 0 ? kD : g.D, LP = g.L * g.P;
   const int64_t q_end = std::min(g.Q, (chunk + 1) * kForwardChunk);
   const T* vb = value + b * g.S * g.M * D + m * D;  // + (start_l + pixel) * M * D
   for (int64_t q = chunk * kForwardChunk; q < q_end; ++q) {
@@ -255,7 +258,8 @@ void ForwardUnit(const Geometry& g, int64_t unit, const T* __restrict value,
     const T* lq = loc + bqm * LP * 2;
     const T* aq = attn + bqm * LP;
     if (q + 1 < q_end) PrefetchValueRows<T>(g, lq + g.M * LP * 2, vb);  // the next query's
-    T* __restrict o = out + bqm * D;
+    T local[kD > 0 ? kD : 1];
+    T* __restrict o = kD > 0 ? local : out + bqm * D;
     std::fill(o, o + D, T(0));
     for (int64_t l = 0; l < g.L; ++l) {
       for (int64_t p = 0; p < g.P; ++p) {
@@ -273,15 +277,21 @@ void ForwardUnit(const Geometry& g, int64_t unit, const T* __restrict value,
         }
       }
     }
+    if (kD > 0) std::copy(o, o + D, out + bqm * D);
   }
 }
 
 // Gradients of one (b, m) unit given grad_out g: value (rows of head m), loc and attn.
-template <typename T>
+// kD as in ForwardUnit. The dot product with the output gradient sums kLanes partial sums
+// (one vector register's worth) and then adds them pairwise, so that it vectorizes without
+// -ffast-math; kD == 0, or a D that is not a multiple of kLanes, sums element by element.
+template <typename T, int kD>
 void BackwardUnit(const Geometry& g, int64_t unit, const T* __restrict value,
                   const T* __restrict loc, const T* __restrict attn, const T* __restrict gout,
                   T* __restrict gvalue, T* __restrict gloc, T* __restrict gattn) {
-  const int64_t b = unit / g.M, m = unit % g.M, D = g.D, LP = g.L * g.P;
+  constexpr int64_t kLanes = kFloatsPerLine<T>;
+  constexpr bool kVectorDot = kD > 0 && kD % kLanes == 0;
+  const int64_t b = unit / g.M, m = unit % g.M, D = kD > 0 ? kD : g.D, LP = g.L * g.P;
   const int64_t offset = b * g.S * g.M * D + m * D;  // + row
   const T* vb = value + offset;
   T* gvb = gvalue + offset;
@@ -302,9 +312,23 @@ void BackwardUnit(const Geometry& g, int64_t unit, const T* __restrict value,
       T* __restrict gv = gvb + e.row;
       const T coef = aq[e.lp] * e.weight;
       T dot = 0;
-      for (int64_t d = 0; d < D; ++d) {
-        dot += go[d] * v[d];
-        gv[d] += coef * go[d];
+      if constexpr (kVectorDot) {
+        T part[kLanes] = {};
+        for (int64_t d = 0; d < D; d += kLanes) {
+          for (int64_t j = 0; j < kLanes; ++j) {
+            part[j] += go[d + j] * v[d + j];
+            gv[d + j] += coef * go[d + j];
+          }
+        }
+        for (int64_t w = kLanes / 2; w > 0; w /= 2) {
+          for (int64_t j = 0; j < w; ++j) part[j] += part[j + w];
+        }
+        dot = part[0];
+      } else {
+        for (int64_t d = 0; d < D; ++d) {
+          dot += go[d] * v[d];
+          gv[d] += coef * go[d];
+        }
       }
       grad_a[e.lp] += e.weight * dot;
       grad_x[e.lp] += e.dweight_dx * dot;
@@ -324,6 +348,18 @@ void BackwardUnit(const Geometry& g, int64_t unit, const T* __restrict value,
         glq[2 * lp + 1] = grad_y[lp] * aq[lp] * static_cast<T>(g.height[l]);
       }
     }
+  }
+}
+
+// Calls fn(std::integral_constant<int, kD>) with kD = d for the head dims compiled for (32:
+// the official 256 / 8 heads; 64), else kD = 0 (any D). Not 16 (the shapes demo's 128 / 8):
+// there the specialised units measured slower than the generic ones (README, "The sampler").
+template <typename Fn>
+bool WithHeadDim(int64_t d, Fn&& fn) {
+  switch (d) {
+    case 32: return fn(std::integral_constant<int, 32>{});
+    case 64: return fn(std::integral_constant<int, 64>{});
+    default: return fn(std::integral_constant<int, 0>{});
   }
 }
 
@@ -354,9 +390,12 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer value, ffi::AnyBuffe
   const int64_t chunks = (g.Q + kForwardChunk - 1) / kForwardChunk;
   auto run = [&](auto type_tag) {  // the same loop for float and double
     using T = decltype(type_tag);
-    return ParallelFor(pool, g.batch * g.M * chunks, [&](int64_t u) {
-      ForwardUnit<T>(g, u, value.typed_data<T>(), loc.typed_data<T>(), attn.typed_data<T>(),
-                     out->typed_data<T>());
+    return WithHeadDim(g.D, [&](auto head_dim) {
+      return ParallelFor(pool, g.batch * g.M * chunks, [&](int64_t u) {
+        ForwardUnit<T, decltype(head_dim)::value>(g, u, value.typed_data<T>(),
+                                                  loc.typed_data<T>(), attn.typed_data<T>(),
+                                                  out->typed_data<T>());
+      });
     });
   };
   if (!(t == ffi::DataType::F32 ? run(float{}) : run(double{}))) {
@@ -386,10 +425,13 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer value, ffi::AnyBuff
   }
   auto run = [&](auto type_tag) {  // the same loop for float and double
     using T = decltype(type_tag);
-    return ParallelFor(pool, g.batch * g.M, [&](int64_t u) {
-      BackwardUnit<T>(g, u, value.typed_data<T>(), loc.typed_data<T>(), attn.typed_data<T>(),
-                      gout.typed_data<T>(), gvalue->typed_data<T>(), gloc->typed_data<T>(),
-                      gattn->typed_data<T>());
+    return WithHeadDim(g.D, [&](auto head_dim) {
+      return ParallelFor(pool, g.batch * g.M, [&](int64_t u) {
+        BackwardUnit<T, decltype(head_dim)::value>(
+            g, u, value.typed_data<T>(), loc.typed_data<T>(), attn.typed_data<T>(),
+            gout.typed_data<T>(), gvalue->typed_data<T>(), gloc->typed_data<T>(),
+            gattn->typed_data<T>());
+      });
     });
   };
   if (!(t == ffi::DataType::F32 ? run(float{}) : run(double{}))) {
