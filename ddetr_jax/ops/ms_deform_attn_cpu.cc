@@ -243,8 +243,9 @@ constexpr int64_t kForwardChunk = 1024;
 
 // out[b, q, m, :] = sum_{l, p, corner} attn * weight * value[b, start_l + pixel, m, :], for
 // the queries of one (b, m, chunk) unit. kD > 0 is the head dim D known at compile time: the
-// output row then accumulates in a local array the compiler keeps in vector registers, instead
-// of a load and a store of the row per corner; kD == 0 reads D from g.
+// output row then accumulates in a fixed-size local array, which the compiler can keep in
+// vector registers instead of loading and storing the row for every corner; kD == 0 reads D
+// from g and accumulates in the output.
 template <typename T, int kD>
 void ForwardUnit(const Geometry& g, int64_t unit, const T* __restrict value,
                  const T* __restrict loc, const T* __restrict attn, T* __restrict out) {
