@@ -168,6 +168,16 @@ def test_vmap_with_a_shared_value_folds_into_the_queries():
   np.testing.assert_allclose(np.asarray(g_shared), np.asarray(g_sum), rtol=1e-5, atol=1e-5)
 
 
+def _assert_kernel_runs_per_batch_element(fwd, grad, args):
+  """Each device's kernel calls, forward and gradient, see its own batch element only (batch 8
+  over 8 devices): no all-gather of the other devices' inputs."""
+  for fn in (fwd, grad):
+    hlo = fn.lower(*args).compile().as_text()
+    calls = [line for line in hlo.splitlines() if "custom_call_target=\"ddetr_msda_cpu" in line]
+    assert calls and "all-gather" not in hlo
+    assert all(f"f32[1,{args[0].shape[1]},2,8]" in line for line in calls), calls
+
+
 def test_sharded_batch_runs_per_shard_and_equals_single_device():
   fwd, grad, args, single, sharded = sharded_and_single_device_runs("cpu")
   assert sharded[0].sharding.spec[0] == "data"
@@ -175,12 +185,7 @@ def test_sharded_batch_runs_per_shard_and_equals_single_device():
   np.testing.assert_allclose(np.asarray(sharded[0]), np.asarray(single[0]), rtol=1e-6, atol=1e-6)
   for g_s, g_1 in zip(sharded[1], single[1]):
     np.testing.assert_allclose(np.asarray(g_s), np.asarray(g_1), rtol=1e-6, atol=1e-6)
-  # Each device's kernel sees its own batch element only: no gather of the others' values.
-  for fn in (fwd, grad):
-    hlo = fn.lower(*args).compile().as_text()
-    calls = [line for line in hlo.splitlines() if "custom_call_target=\"ddetr_msda_cpu" in line]
-    assert calls and "all-gather" not in hlo
-    assert all(f"f32[1,{args[0].shape[1]},2,8]" in line for line in calls), calls
+  _assert_kernel_runs_per_batch_element(fwd, grad, args)
 
 
 @pytest.mark.parametrize("sharded_arg", ["value", "queries"])
@@ -198,11 +203,7 @@ def test_one_batch_sharded_operand_splits_all_locally(sharded_arg):
   np.testing.assert_allclose(np.asarray(fwd(*mixed)), np.asarray(single[0]), rtol=1e-6, atol=1e-6)
   for g_m, g_1 in zip(grad(*mixed), single[1]):
     np.testing.assert_allclose(np.asarray(g_m), np.asarray(g_1), rtol=1e-6, atol=1e-6)
-  for fn in (fwd, grad):
-    hlo = fn.lower(*mixed).compile().as_text()
-    calls = [line for line in hlo.splitlines() if "custom_call_target=\"ddetr_msda_cpu" in line]
-    assert calls and "all-gather" not in hlo
-    assert all(f"f32[1,{args[0].shape[1]},2,8]" in line for line in calls), calls
+  _assert_kernel_runs_per_batch_element(fwd, grad, mixed)
 
 
 def test_remat_inside_scan_matches_xla():
