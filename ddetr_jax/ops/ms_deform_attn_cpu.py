@@ -233,10 +233,12 @@ def _batch_sharding(mesh, arg_shapes) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def _partitioned(call, num_outputs: int, rule: str):
+def _partitioned(call, num_outputs: int, rule: str, queries_foldable: bool = False):
   """`call` (local arrays -> local arrays) as a batch-partitioned op: each device runs the
   kernel on its own batch shard (custom_partitioning), then vmap folds into the batch
-  (custom_vmap), since custom_partitioning has no batching rule of its own."""
+  (custom_vmap), since custom_partitioning has no batching rule of its own. With
+  `queries_foldable` (the forward: every output is query-shaped), a vmap that leaves value
+  unmapped folds into the queries instead (`_fold_into_queries`)."""
 
   def infer(mesh, arg_shapes, result_shape):
     del result_shape
@@ -257,7 +259,7 @@ def _partitioned(call, num_outputs: int, rule: str):
 
   @batched.def_vmap
   def _fold(axis_size, in_batched, *args):
-    if num_outputs == 1 and not in_batched[0]:
+    if queries_foldable and not in_batched[0]:
       return _fold_into_queries(batched, axis_size, in_batched, *args), True
     # (n, B, ...) -> (n * B, ...), inputs not mapped broadcast first.
     args = [x if bat else jnp.broadcast_to(x, (axis_size, *x.shape))
@@ -279,13 +281,13 @@ def _fold_into_queries(forward, axis_size, in_batched, value, *query_args):
   Only the forward can do this: the backward must return one value gradient per mapped
   element, so there value is broadcast like any other input.
   """
-  b, q = value.shape[0], None
+  # Explicit sizes: -1 is ambiguous for zero-size arrays.
+  b, q = value.shape[0], query_args[0].shape[2 if in_batched[1] else 1]
   folded = []
   for x, bat in zip(query_args, in_batched[1:]):
     # (n, B, Q, ...) -> (B, n, Q, ...); an unmapped (B, Q, ...) is broadcast to that.
     x = jnp.moveaxis(x, 0, 1) if bat else jnp.broadcast_to(
         x[:, None], (b, axis_size, *x.shape[1:]))
-    q = x.shape[2]  # explicit sizes: -1 is ambiguous for zero-size arrays
     folded.append(x.reshape(b, axis_size * q, *x.shape[3:]))
   out = forward(value, *folded)  # (B, n * Q, M, D)
   return jnp.moveaxis(out.reshape(b, axis_size, q, *out.shape[2:]), 1, 0)
@@ -294,7 +296,8 @@ def _fold_into_queries(forward, axis_size, in_batched, value, *query_args):
 @functools.lru_cache(maxsize=None)
 def _ops(spatial_shapes):
   """(forward, backward) partitioned ops for one static set of level shapes."""
-  return (_partitioned(functools.partial(_forward_call, spatial_shapes), 1, _FORWARD_RULE),
+  return (_partitioned(functools.partial(_forward_call, spatial_shapes), 1, _FORWARD_RULE,
+                       queries_foldable=True),
           _partitioned(functools.partial(_backward_call, spatial_shapes), 3, _BACKWARD_RULE))
 
 
