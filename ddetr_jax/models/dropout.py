@@ -3,10 +3,10 @@
 `flax.linen.Dropout` draws its mask with `jax.random.bernoulli`. On the CPU, JAX lowers
 Threefry with a rolled 5-iteration loop, so every round writes and reads two full uint32 arrays
 of the activation's size; in the Deformable DETR train step (ResNet-50, 256 px, on a 2-core
-CPU) that made dropout 18% of the summed op time. Here the same hash, Threefry-2x32 with 20 rounds (Salmon et al. 2011, the
-function `jax.extend.random.threefry_2x32` computes), is written out round by round on the
-flat element index, so XLA fuses key schedule, rounds, threshold and select into a single loop
-over the activation, on every backend.
+CPU) that made dropout 18% of the summed op time. Here the same hash, Threefry-2x32 with 20
+rounds (Salmon et al. 2011, the function `jax.extend.random.threefry_2x32` computes), is
+written out round by round on the flat element index, so XLA fuses key schedule, rounds,
+threshold and select into a single loop over the activation, on every backend.
 
 Mask rule: element i of an array is kept iff word 0 of threefry_2x32((k0, k1), (i, 0)) >=
 round(rate * 2**32), where (k0, k1) are two uint32 words drawn with `jax.random.bits` from the
