@@ -38,7 +38,11 @@ class Conv1x1(nn.Module):
                         jnp.float32)
     if self.stride > 1:
       x = x[:, ::self.stride, ::self.stride]
-    out = jnp.einsum("bhwi,io->bhwo", x.astype(self.dtype), kernel[0, 0].astype(self.dtype))
+    # A 2-D matmul: with the 4-D einsum, XLA:CPU computed the kernel gradient (a contraction over
+    # b, h, w) from a transposed copy of the output gradient, fused with its producer (slow).
+    b, h, w, c = x.shape
+    out = jnp.dot(x.reshape(b * h * w, c).astype(self.dtype), kernel[0, 0].astype(self.dtype))
+    out = out.reshape(b, h, w, self.features)
     if self.use_bias:
       out = out + self.param("bias", self.bias_init, (self.features,), jnp.float32).astype(self.dtype)
     return out

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddetr_jax.models import initializers
+from ddetr_jax.models.dense import Dense
 from ddetr_jax.ops.ms_deform_attn import ms_deform_attn
 
 SpatialShapes = tuple[tuple[int, int], ...]
@@ -66,16 +67,16 @@ class MSDeformAttn(nn.Module):
     if len(spatial_shapes) != l:
       raise ValueError(f"got {len(spatial_shapes)} spatial shapes {spatial_shapes} for n_levels={l}")
     xavier = initializers.xavier_uniform()
-    value = nn.Dense(self.d_model, dtype=self.dtype, kernel_init=xavier,
+    value = Dense(self.d_model, dtype=self.dtype, kernel_init=xavier,
                      bias_init=nn.initializers.zeros, name="value_proj")(input_flatten)
     if input_padding_mask is not None:
       value = jnp.where(input_padding_mask[..., None], jnp.zeros((), value.dtype), value)
     value = value.reshape(b, s, m, self.d_model // m)  # [B, S, M, D]
-    offsets = nn.Dense(m * l * p * 2, dtype=self.dtype, kernel_init=nn.initializers.zeros,
+    offsets = Dense(m * l * p * 2, dtype=self.dtype, kernel_init=nn.initializers.zeros,
                        bias_init=initializers.constant(sampling_offsets_bias(m, l, p)),
                        name="sampling_offsets")(query)
     offsets = offsets.astype(jnp.float32).reshape(b, q, m, l, p, 2)  # [B, Q, M, L, P, 2]
-    logits = nn.Dense(m * l * p, dtype=self.dtype, kernel_init=nn.initializers.zeros,
+    logits = Dense(m * l * p, dtype=self.dtype, kernel_init=nn.initializers.zeros,
                       bias_init=nn.initializers.zeros, name="attention_weights")(query)
     weights = jax.nn.softmax(logits.astype(jnp.float32).reshape(b, q, m, l * p), axis=-1)
     weights = weights.reshape(b, q, m, l, p)  # [B, Q, M, L, P]
@@ -95,5 +96,5 @@ class MSDeformAttn(nn.Module):
     # Locations and weights stay float32; the op returns value's (compute) dtype.
     out = _ms_deform_attn(value, spatial_shapes=spatial_shapes, sampling_locations=locations,
                           attention_weights=weights, impl=self.attention_impl)  # [B, Q, M*D]
-    return nn.Dense(self.d_model, dtype=self.dtype, kernel_init=xavier,
+    return Dense(self.d_model, dtype=self.dtype, kernel_init=xavier,
                     bias_init=nn.initializers.zeros, name="output_proj")(out)

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from ddetr_jax.models import initializers
+from ddetr_jax.models.dense import Dense
 from ddetr_jax.models.backbone import ResNet
 from ddetr_jax.models.conv1x1 import Conv1x1
 from ddetr_jax.models.masks import resize_padding_mask, valid_ratios
@@ -64,7 +65,7 @@ class MLP(nn.Module):
     """x: [..., C] -> [..., output_dim]."""
     for i in range(self.num_layers):
       last = i == self.num_layers - 1
-      x = nn.Dense(self.output_dim if last else self.hidden_dim, dtype=self.dtype,
+      x = Dense(self.output_dim if last else self.hidden_dim, dtype=self.dtype,
                    kernel_init=self.kernel_inits[i], bias_init=self.bias_inits[i], name=f"layers_{i}")(x)
       if not last:
         x = nn.relu(x)
@@ -122,7 +123,7 @@ class DeformableDETR(nn.Module):
     def head_pair(name_suffix: str, box_bias: tuple[float, ...], key: Optional[jax.Array]):
       fixed = (lambda i, init: initializers.with_fixed_key(jax.random.fold_in(key, i), init)
                if key is not None else init)
-      class_head = nn.Dense(self.num_classes, dtype=dtype, kernel_init=fixed(0, linear_default),
+      class_head = Dense(self.num_classes, dtype=dtype, kernel_init=fixed(0, linear_default),
                             bias_init=initializers.constant(prior_bias), name=f"class_embed{name_suffix}")
       box_head = MLP(c, 4, 3, dtype=dtype,
                      kernel_inits=(fixed(1, linear_default), fixed(2, linear_default),

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from ddetr_jax.models import initializers
+from ddetr_jax.models.dense import Dense
 from ddetr_jax.models.deformable_attention import MSDeformAttn
 from ddetr_jax.models.dropout import Dropout
 from ddetr_jax.models.position_encoding import proposal_sine_embedding
@@ -91,10 +92,10 @@ class FeedForward(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [..., C] -> [..., C]."""
     xavier = initializers.xavier_uniform()
-    h = nn.Dense(self.dim_feedforward, dtype=self.dtype, kernel_init=xavier,
+    h = Dense(self.dim_feedforward, dtype=self.dtype, kernel_init=xavier,
                  bias_init=initializers.torch_bias_default(self.d_model), name="linear1")(x)
     h = Dropout(self.dropout)(nn.relu(h), deterministic=self.deterministic)
-    h = nn.Dense(self.d_model, dtype=self.dtype, kernel_init=xavier,
+    h = Dense(self.d_model, dtype=self.dtype, kernel_init=xavier,
                  bias_init=initializers.torch_bias_default(self.dim_feedforward), name="linear2")(h)
     return Dropout(self.dropout)(h, deterministic=self.deterministic)
 
@@ -115,7 +116,7 @@ class MultiHeadSelfAttention(nn.Module):
     m = self.n_heads
     head_dim = c // m
     in_init = initializers.xavier_uniform(fan_out_mult=3)
-    dense = lambda name, init: nn.Dense(c, dtype=self.dtype, kernel_init=init,
+    dense = lambda name, init: Dense(c, dtype=self.dtype, kernel_init=init,
                                         bias_init=nn.initializers.zeros, name=name)
     queries = dense("q_proj", in_init)(query_key).reshape(b, q, m, head_dim)
     keys = dense("k_proj", in_init)(query_key).reshape(b, q, m, head_dim)
@@ -312,7 +313,7 @@ class DeformableTransformer(nn.Module):
     if self.two_stage:
       out_memory, proposal_logits = encoder_proposals(memory, mask_flatten, spatial_shapes)
       xavier = initializers.xavier_uniform()
-      out_memory = nn.Dense(c, dtype=self.dtype, kernel_init=xavier,
+      out_memory = Dense(c, dtype=self.dtype, kernel_init=xavier,
                             bias_init=initializers.torch_bias_default(c), name="enc_output")(out_memory)
       out_memory = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="enc_output_norm")(out_memory)
       enc_logits = class_heads[-1](out_memory).astype(jnp.float32)  # [B, S, K]
@@ -322,7 +323,7 @@ class DeformableTransformer(nn.Module):
       topk_box_logits = jax.lax.stop_gradient(
           jnp.take_along_axis(enc_box_logits, topk[..., None], axis=1))  # [B, Q, 4]
       reference_points = jax.nn.sigmoid(topk_box_logits)
-      pos_trans = nn.Dense(2 * c, dtype=self.dtype, kernel_init=xavier,
+      pos_trans = Dense(2 * c, dtype=self.dtype, kernel_init=xavier,
                            bias_init=initializers.torch_bias_default(2 * c), name="pos_trans")(
                                proposal_sine_embedding(topk_box_logits, c // 2))
       pos_trans = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="pos_trans_norm")(pos_trans)
@@ -330,7 +331,7 @@ class DeformableTransformer(nn.Module):
     else:
       query_pos = jnp.broadcast_to(query_embed[None, :, :c], (b, query_embed.shape[0], c)).astype(self.dtype)
       tgt = jnp.broadcast_to(query_embed[None, :, c:], (b, query_embed.shape[0], c)).astype(self.dtype)
-      reference_points = jax.nn.sigmoid(nn.Dense(
+      reference_points = jax.nn.sigmoid(Dense(
           2, dtype=self.dtype, kernel_init=initializers.xavier_uniform(),
           bias_init=nn.initializers.zeros, name="reference_points")(query_pos).astype(jnp.float32))
     outputs["init_reference"] = reference_points
