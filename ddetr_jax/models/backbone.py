@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from ddetr_jax.models import initializers
+from ddetr_jax.models.conv import Conv
 from ddetr_jax.models.conv1x1 import Conv1x1
 
 # depth -> (block type, blocks per stage)
@@ -76,12 +77,10 @@ def _norm(kind: str, features: int, name: str, dtype: Any, zero_init: bool = Fal
   raise ValueError(f"backbone_norm must be one of {NORMS}, got {kind!r}")
 
 
-def _conv(features: int, kernel: int, stride: int, dilation: int, dtype: Any, name: str) -> nn.Conv:
+def _conv(features: int, kernel: int, stride: int, dilation: int, dtype: Any, name: str) -> Conv:
   """Bias-free conv with PyTorch's symmetric padding dilation * (kernel // 2)."""
-  pad = dilation * (kernel // 2)
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-                 kernel_dilation=(dilation, dilation), use_bias=False, dtype=dtype,
-                 kernel_init=initializers.kaiming_normal_fan_out(), name=name)
+  return Conv(features, kernel, stride, padding=dilation * (kernel // 2), dilation=dilation,
+              dtype=dtype, kernel_init=initializers.kaiming_normal_fan_out(), name=name)
 
 
 class BasicBlock(nn.Module):
@@ -165,8 +164,7 @@ class ResNet(nn.Module):
     block_cls = Bottleneck if kind == "bottleneck" else BasicBlock
     expansion = 4 if kind == "bottleneck" else 1
     x = images.astype(self.dtype)
-    x = nn.Conv(stem, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), use_bias=False, dtype=self.dtype,
-                kernel_init=initializers.kaiming_normal_fan_out(), name="conv1")(x)
+    x = _conv(stem, 7, 2, 1, self.dtype, "conv1")(x)
     x = nn.relu(_norm(self.norm, stem, "bn1", self.dtype)(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # [B, H/4, W/4, stem]
     in_channels, current_dilation, outputs = stem, 1, []

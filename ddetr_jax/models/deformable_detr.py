@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from ddetr_jax.models import initializers
 from ddetr_jax.models.dense import Dense
 from ddetr_jax.models.backbone import ResNet
+from ddetr_jax.models.conv import Conv
 from ddetr_jax.models.conv1x1 import Conv1x1
 from ddetr_jax.models.masks import resize_padding_mask, valid_ratios
 from ddetr_jax.models.position_encoding import sine_position_encoding
@@ -29,7 +30,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 
 
 class InputProjection(nn.Module):
-  """Conv (1x1 as a `Conv1x1` matmul, or 3x3 stride 2 for extra levels) + GroupNorm(32) to
+  """Conv (1x1 as a `Conv1x1` matmul, or a 3x3 stride 2 `Conv` for extra levels) + GroupNorm(32) to
   d_model channels."""
   features: int
   kernel: int = 1
@@ -43,11 +44,8 @@ class InputProjection(nn.Module):
       x = Conv1x1(self.features, dtype=self.dtype, use_bias=True,
                   kernel_init=initializers.xavier_uniform(), name="conv")(x)
     else:
-      pad = self.kernel // 2
-      x = nn.Conv(self.features, (self.kernel, self.kernel), strides=(self.stride, self.stride),
-                  padding=((pad, pad), (pad, pad)), dtype=self.dtype,
-                  kernel_init=initializers.xavier_uniform(), bias_init=nn.initializers.zeros,
-                  name="conv")(x)
+      x = Conv(self.features, self.kernel, self.stride, padding=self.kernel // 2, use_bias=True,
+               dtype=self.dtype, kernel_init=initializers.xavier_uniform(), name="conv")(x)
     return nn.GroupNorm(num_groups=32, epsilon=1e-5, dtype=self.dtype, name="group_norm")(x)
 
 
