@@ -10,16 +10,22 @@ Predictions (annotated images, sampling-point pictures, detections.json) on any 
 `--predict_val N` takes the first N validation images; with data.source='tfds' (no image files)
 they are first copied, still encoded, to OUT/validation_images/.
 `--checkpoint` is an orbax directory: a training CheckpointManager root (latest step), one of its
-step folders, or a converted checkpoint (`python -m ddetr_jax.convert`).
+step folders, or a converted checkpoint (`python -m ddetr_jax.convert`); its params must fit
+the config's model (the error names every parameter that does not).
+Errors in the config, checkpoint or data paths print `error: ...` and exit with status 2;
+`--verbosity=0` shows the INFO logs (orbax's restores, the COCOeval table).
 """
-import logging
 import os
+import sys
 
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from ddetr_jax import cli
+
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "shapes.py")
+cli.check_config_overrides(sys.argv, _DEFAULT_CONFIG)  # before ml_collections applies them.
 config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Config file (`path.py:variant`).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", "runs/eval", "Where coco_metrics.json and coco_results.json go.")
@@ -44,7 +50,6 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.getLogger().setLevel(logging.INFO)
   from ddetr_jax import host_malloc  # pylint: disable=g-import-not-at-top
   host_malloc.tune()  # before JAX allocates: large XLA:CPU buffers stay mapped between steps.
   import jax  # pylint: disable=g-import-not-at-top
@@ -53,7 +58,7 @@ def main(argv):
                                process_id=FLAGS.process_id)
   elif FLAGS.distributed:
     jax.distributed.initialize()
-  from ddetr_jax import evaluator, predict, sharding  # pylint: disable=g-import-not-at-top
+  from ddetr_jax import evaluator, predict, sharding, trainer  # pylint: disable=g-import-not-at-top
   from ddetr_jax.models import build_model  # pylint: disable=g-import-not-at-top
 
   config = FLAGS.config
@@ -61,7 +66,8 @@ def main(argv):
   step = None
   if FLAGS.checkpoint:
     _, step = evaluator.checkpoint_params_dir(FLAGS.checkpoint)
-    params = evaluator.load_params(FLAGS.checkpoint)
+    params = evaluator.load_params(FLAGS.checkpoint,
+                                   expected=trainer.abstract_params(model, config))
   else:
     from ddetr_jax import convert  # pylint: disable=g-import-not-at-top
     params = convert.load_torch_params(FLAGS.torch_checkpoint, config)
@@ -89,4 +95,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -5,19 +5,27 @@
       --config.data.tfds_data_dir=...               # COCO 2017
   python train.py --config configs/tiny.py --config.train.num_train_steps=10 --workdir /tmp/t
 
-A run resumes automatically from DIR/checkpoints. Multi-host (TPU pods, multi-node GPU): start the
-same command on every host with `--distributed` (jax.distributed.initialize() auto-detects TPU
-pods, SLURM and Open MPI) or with explicit --coordinator_address=HOST:PORT --num_processes=N
---process_id=I; config.train.global_batch_size is the batch over all devices of all hosts.
+A run resumes automatically from DIR/checkpoints; started again after it finished, it reports the
+evaluation stored in DIR/metrics.jsonl instead of evaluating again. Multi-host (TPU pods,
+multi-node GPU): start the same command on every host with `--distributed`
+(jax.distributed.initialize() auto-detects TPU pods, SLURM and Open MPI) or with explicit
+--coordinator_address=HOST:PORT --num_processes=N --process_id=I; config.train.global_batch_size
+is the batch over all devices of all hosts.
+
+Errors in the config, checkpoint or data paths print `error: ...` and exit with status 2;
+`--verbosity=0` shows the INFO logs (orbax's saves and restores).
 """
 import os
+import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
+from ddetr_jax import cli
+
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "shapes.py")
+cli.check_config_overrides(sys.argv, _DEFAULT_CONFIG)  # before ml_collections applies them.
 _CONFIG = config_flags.DEFINE_config_file(
     "config", _DEFAULT_CONFIG, "Config file (optionally `path.py:variant`).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "./runs/shapes", "Where checkpoints, metrics and "
@@ -44,20 +52,11 @@ def main(argv):
   elif _DISTRIBUTED.value:
     jax.distributed.initialize()
   from ddetr_jax import trainer  # pylint: disable=g-import-not-at-top
-  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; --verbosity=0 shows it.
   workdir = os.path.abspath(_WORKDIR.value)
   metrics = trainer.train_and_evaluate(_CONFIG.value, workdir)
   if jax.process_index() == 0:
-    print(f"\nfinished at step {metrics.get('step')}"
-          + (" (preempted: run the same command to resume)" if metrics.get("preempted") else ""))
-    if "AP" in metrics:
-      print(f"COCO AP {metrics['AP']:.4f}  AP50 {metrics['AP50']:.4f}  AP75 {metrics['AP75']:.4f}")
-    print(f"plot:        {os.path.join(workdir, 'training_curves.png')}")
-    print(f"metrics:     {os.path.join(workdir, 'metrics.jsonl')} (train), "
-          f"{os.path.join(workdir, 'coco_metrics.json')} (COCO eval)")
-    print(f"tensorboard: tensorboard --logdir {os.path.join(workdir, 'tensorboard')}")
-    print(f"checkpoints: {os.path.join(workdir, 'checkpoints')}")
+    print("\n" + trainer.final_summary(workdir, metrics))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -23,6 +23,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from ddetr_jax import errors
+
 PARAMS, OPT_STATE, TRAIN_META, DATA_STATE = "params", "opt_state", "train_meta", "data_state"
 
 
@@ -89,7 +91,7 @@ def _flat_shapes(tree: Any) -> dict:
 
 
 def check_tree_fits(expected: Any, found: Any, what: str, allow_missing: bool = False) -> None:
-  """Raises ValueError naming each parameter where `found` does not fit `expected`.
+  """Raises errors.InvalidInputError (a ValueError) naming each parameter that does not fit.
 
   Args:
     expected: the tree the config builds (arrays or ShapeDtypeStructs).
@@ -111,7 +113,8 @@ def check_tree_fits(expected: Any, found: Any, what: str, allow_missing: bool = 
     problems.append(f"{len(mismatched)} with different shapes: " + ", ".join(
         f"{k} checkpoint {have[k]} vs model {want[k]}" for k in mismatched[:20]))
   if problems:
-    raise ValueError(f"{what} does not fit this config's model: " + "; ".join(problems))
+    raise errors.InvalidInputError(f"{what} does not fit this config's model: "
+                                   + "; ".join(problems))
 
 
 class CheckpointManager:
@@ -197,8 +200,9 @@ class CheckpointManager:
           DATA_STATE: ProcessJsonRestore(),
       }))
     except ValueError as e:
-      raise ValueError(f"checkpoint {where}: the optimizer state does not fit this config "
-                       f"(optim settings changed?): {e}") from e
+      raise errors.InvalidInputError(
+          f"checkpoint {where}: the optimizer state does not fit this config (optim settings "
+          f"changed?): {e}") from e
     meta = restored[TRAIN_META]
     if int(meta["step"]) != int(step):
       raise ValueError(f"checkpoint {where} says step {meta['step']}")

@@ -25,12 +25,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddetr_jax import errors
+
 # Per-module entries that are not parameters: BatchNorm counters, thop profiling counters.
 _IGNORED_SUFFIXES = ("num_batches_tracked", "total_params", "total_ops")
 _HEAD_RE = re.compile(r"^(transformer\.decoder\.)?(class_embed|bbox_embed)\.(\d+)\.(.*)$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(errors.InvalidInputError):
   """A checkpoint that cannot be loaded into the configured model; the message says why."""
 
 

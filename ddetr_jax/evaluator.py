@@ -14,18 +14,21 @@ import io
 import json
 import logging
 import os
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 import tqdm
 
+from ddetr_jax import checkpoint as checkpoint_lib
 from ddetr_jax import data as data_lib
+from ddetr_jax import errors
 from ddetr_jax.postprocess import postprocess
 
 # COCOeval.stats order.
@@ -215,7 +218,7 @@ def checkpoint_params_dir(checkpoint_dir: str) -> tuple[str, Optional[int]]:
   one step folder of it (holding 'params/'), or a plain PyTree checkpoint (e.g. from convert).
   """
   if not os.path.isdir(checkpoint_dir):
-    raise FileNotFoundError(f"checkpoint directory not found: {checkpoint_dir!r}")
+    raise errors.MissingInputError(f"checkpoint directory not found: {checkpoint_dir!r}")
   names = os.listdir(checkpoint_dir)
   steps = sorted(int(n) for n in names if _is_step_dir(n)
                  and os.path.isdir(os.path.join(checkpoint_dir, n)))
@@ -223,31 +226,57 @@ def checkpoint_params_dir(checkpoint_dir: str) -> tuple[str, Optional[int]]:
     step_dir = os.path.join(checkpoint_dir, str(steps[-1]))
     params_dir = os.path.join(step_dir, "params")
     if not os.path.isdir(params_dir):
-      raise FileNotFoundError(f"checkpoint step folder {step_dir!r} has no 'params' item "
-                              f"(has {sorted(os.listdir(step_dir))})")
+      raise errors.MissingInputError(f"checkpoint step folder {step_dir!r} has no 'params' item "
+                                     f"(has {sorted(os.listdir(step_dir))})")
     return params_dir, steps[-1]
   if "params" in names and os.path.isdir(os.path.join(checkpoint_dir, "params")):
     return os.path.join(checkpoint_dir, "params"), None
   return checkpoint_dir, None
 
 
-def load_params(checkpoint_dir: str) -> Any:
+def _unwrap_params(tree: Any) -> Any:
+  """`tree['params']` for a checkpoint of {'params': params} (convert.save_params), else `tree`."""
+  if isinstance(tree, Mapping) and set(tree) == {"params"}:
+    return tree["params"]
+  return tree
+
+
+def load_params(checkpoint_dir: str, expected: Any = None) -> Any:
   """Restores the model params (numpy leaves) from an orbax checkpoint directory.
 
-  The directory may be a CheckpointManager root (latest step, item 'params'), one of its step
-  folders, or a plain PyTree checkpoint of `params` or of {'params': params}.
+  Args:
+    checkpoint_dir: a CheckpointManager root (latest step, item 'params'), one of its step
+      folders, or a plain PyTree checkpoint of `params` or of {'params': params}.
+    expected: if given, the params tree of the model that will use them (arrays or
+      jax.ShapeDtypeStructs, e.g. `trainer.abstract_params(model, config)`); the stored tree is
+      checked against it before anything is read.
+
+  Raises:
+    errors.MissingInputError: `checkpoint_dir` or its step's 'params' item does not exist.
+    errors.InvalidInputError: not an orbax checkpoint; or, with `expected`, stored params that
+      do not fit, each missing, unexpected or differently shaped one named with both shapes
+      (`checkpoint.check_tree_fits`).
   """
   path, _ = checkpoint_params_dir(checkpoint_dir)
-  path = os.path.abspath(path)
-  checkpointer = ocp.PyTreeCheckpointer()
+  path = epath.Path(os.path.abspath(path))
+  # The item's own handler: a Checkpointer would also look for (and warn about) the
+  # step-level _CHECKPOINT_METADATA, which an item folder of a training step does not hold.
+  handler = ocp.PyTreeCheckpointHandler()
   try:
-    metadata = checkpointer.metadata(path)
-    tree = metadata.item_metadata if hasattr(metadata, "item_metadata") else metadata
-    tree = getattr(tree, "tree", tree)
+    try:
+      metadata = handler.metadata(path)
+    except (FileNotFoundError, ValueError) as e:
+      raise errors.InvalidInputError(
+          f"{checkpoint_dir!r} is not an orbax params checkpoint: {e}") from e
+    tree = getattr(metadata, "tree", metadata)
+    if expected is not None:
+      checkpoint_lib.check_tree_fits(expected, _unwrap_params(tree), f"checkpoint {path}")
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
-  except (FileNotFoundError, ValueError) as e:
-    raise ValueError(f"{checkpoint_dir!r} is not an orbax params checkpoint: {e}") from e
-  if isinstance(restored, dict) and set(restored) == {"params"}:
-    restored = restored["params"]
-  return restored
+    try:
+      restored = handler.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+    except (FileNotFoundError, ValueError) as e:
+      raise errors.InvalidInputError(
+          f"{checkpoint_dir!r} is not an orbax params checkpoint: {e}") from e
+  finally:
+    handler.close()
+  return _unwrap_params(restored)

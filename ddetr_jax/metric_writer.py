@@ -45,15 +45,21 @@ class MetricWriter:
               for k, v in scalars.items()]
     self._add_event(step=int(step), summary=summary_pb2.Summary(value=values))
 
+  def rows(self) -> list[dict]:
+    """The rows of metrics.jsonl, oldest first ([] before the first write, or if not enabled)."""
+    if not self.enabled or not os.path.exists(self.jsonl_path):
+      return []
+    with open(self.jsonl_path) as f:
+      return [json.loads(line) for line in f if line.strip()]
+
   def plot(self) -> None:
     """Redraws training_curves.png from metrics.jsonl."""
-    if not self.enabled or not os.path.exists(self.jsonl_path):
+    rows = self.rows()
+    if not rows:
       return
     import matplotlib  # pylint: disable=g-import-not-at-top
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-    with open(self.jsonl_path) as f:
-      rows = [json.loads(line) for line in f if line.strip()]
     # A resumed run repeats the steps after its checkpoint: the last row of a step wins.
     train = sorted({r["step"]: r for r in rows if r["kind"] == "train"}.values(),
                    key=lambda r: r["step"])

@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ddetr_jax import errors
+
 GROUPS = ("default", "backbone", "linear_proj", "frozen")
 _FROZEN_BACKBONE_MODULES = ("conv1", "bn1")
 _LINEAR_PROJ_NAMES = ("sampling_offsets", "reference_points")
@@ -108,10 +110,10 @@ def make_optimizer(optim_config: Any, steps_per_epoch: int, params: Any
   c = optim_config
   accum = int(c.get("grad_accum_steps", 1) or 1)
   if accum < 1:
-    raise ValueError(f"config.optim.grad_accum_steps must be >= 1, got {accum}")
+    raise errors.InvalidInputError(f"config.optim.grad_accum_steps must be >= 1, got {accum}")
   if steps_per_epoch < accum:
-    raise ValueError(f"make_optimizer: steps_per_epoch={steps_per_epoch} is smaller than "
-                     f"config.optim.grad_accum_steps={accum}")
+    raise errors.InvalidInputError(f"make_optimizer: steps_per_epoch={steps_per_epoch} is smaller "
+                                   f"than config.optim.grad_accum_steps={accum}")
   updates_per_epoch = steps_per_epoch // accum
   labels = param_labels(params, bool(c.get("freeze_stem", True)))
 

@@ -22,6 +22,7 @@ import jax
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from ddetr_jax import errors
 from ddetr_jax import visualize
 from ddetr_jax.data import batching
 from ddetr_jax.data import transforms
@@ -97,8 +98,9 @@ def validation_images(config, count: int, export_dir: Optional[str] = None) -> l
                        "need an export_dir to be written to")
     return _export_tfds_images(config.data, count, export_dir)
   if config.data.source not in ("coco_folder", "shapes"):
-    raise ValueError(f"validation images need data.source 'tfds', 'coco_folder' or 'shapes', got "
-                     f"{config.data.source!r}; pass image files instead")
+    raise errors.InvalidInputError(f"validation images need data.source 'tfds', 'coco_folder' or "
+                                   f"'shapes', got {config.data.source!r}; pass image files "
+                                   f"instead")
   ann_file, image_dir = sources.coco_paths(config.data, "val")
   images = sorted(coco_folder.load_coco(ann_file).imgs.values(), key=lambda image: image["id"])
   return [os.path.join(image_dir, image["file_name"]) for image in images[:count]]
@@ -179,7 +181,7 @@ def predict_files(model, params, config, patterns: Sequence[str], out_dir: str,
   names = list(class_names) if class_names is not None else _class_names(config)
   files = expand_patterns(patterns)
   if not files:
-    raise FileNotFoundError(f"no image files match {list(patterns)}")
+    raise errors.MissingInputError(f"no image files match {list(patterns)}")
   os.makedirs(out_dir, exist_ok=True)
   predictor = Predictor(model, params, config, with_sampling=num_attention > 0)
   summary = {"images": [], "skipped": []}

@@ -16,6 +16,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from ddetr_jax import errors
+
 DATA_AXIS = "data"
 
 
@@ -48,9 +50,10 @@ def check_batch_divisible(global_batch_size: int, mesh: Mesh,
   """
   num_devices = mesh.shape[DATA_AXIS]
   if global_batch_size <= 0 or global_batch_size % num_devices:
-    raise ValueError(f"{what}={global_batch_size} is not divisible by the number of devices "
-                     f"{num_devices} (mesh axis '{DATA_AXIS}' over {jax.process_count()} "
-                     f"process(es)); use a multiple of {num_devices}")
+    raise errors.InvalidInputError(
+        f"{what}={global_batch_size} is not divisible by the number of devices {num_devices} "
+        f"(mesh axis '{DATA_AXIS}' over {jax.process_count()} process(es)); use a multiple of "
+        f"{num_devices}")
   return global_batch_size // num_devices
 
 

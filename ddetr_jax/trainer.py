@@ -9,6 +9,7 @@ it with COCO AP. Everything it writes is in `workdir`:
   tensorboard/          the same scalars as TensorBoard events ("train/loss", "eval/AP", ...)
   training_curves.png   loss curve and eval AP/AP50 over steps
   coco_metrics.json     the last evaluation (evaluator.py)
+`final_summary(workdir, result)` lists what a run left there (train.py prints it).
 
 The step (`make_train_step`): forward with dropout rng = fold_in(base rng, step), the set
 criterion with the in-graph matcher, grads, the optax update. Params, optimizer state, step and
@@ -18,9 +19,12 @@ train.global_batch_size, epochs, num_train_steps (-1: epochs * steps per epoch),
 log_every, checkpoint_every, keep_checkpoints, eval_every (N > 0: every N steps and at the
 end; -1: only at the end; 0: never), init_checkpoint; data.*, eval.* (data pipeline, evaluator).
 
-Stops: a non-finite loss raises FloatingPointError naming the step and every loss term (nothing
-is saved after the last good checkpoint); SIGTERM (preemption) saves a checkpoint at the current
-step and returns {"step", "preempted": True} without evaluating.
+Stops: a non-finite loss raises FloatingPointError naming the step (numbered as in metrics.jsonl:
+step s is the update from s - 1 to s), every loss term and the last good checkpoint (nothing is
+saved after it); SIGTERM (preemption) saves a checkpoint at the current step and returns
+{"step", "preempted": True} without evaluating. A run started on a workdir whose run is complete
+(checkpoint at the last step) evaluates only if metrics.jsonl has no eval row for that step;
+otherwise it returns the stored metrics.
 """
 import logging
 import math
@@ -223,6 +227,54 @@ def _format_terms(metrics: Mapping[str, float]) -> str:
   return ", ".join(f"{k}={v:.6g}" for k, v in metrics.items())
 
 
+def _stored_eval(writer: metric_writer.MetricWriter, step: int) -> Optional[dict]:
+  """The metrics of metrics.jsonl's last eval row at `step`, or None if it has none.
+
+  Every process gets the same answer (evaluation has collectives); processes other than 0, which
+  do not read the file, get {} instead of the metrics.
+  """
+  rows = [r for r in writer.rows() if r["kind"] == "eval" and r["step"] == step]
+  found = bool(rows)
+  if jax.process_count() > 1:  # all processes must agree: evaluation has collectives.
+    found = bool(multihost_utils.broadcast_one_to_all(np.array(found)))
+  if not found:
+    return None
+  return {k: v for k, v in rows[-1].items() if k not in ("step", "kind")} if rows else {}
+
+
+def final_summary(workdir: str, result: Mapping[str, Any]) -> str:
+  """What train.py prints at the end: the step, COCO AP if evaluated, and the files in `workdir`.
+
+  Args:
+    workdir: the run's directory (see the module doc for its layout).
+    result: what `train_and_evaluate` returned (`step`, `preempted`, `AP`, `AP50`, `AP75`).
+
+  Returns:
+    lines naming the plot, metrics.jsonl, coco_metrics.json and TensorBoard directory where they
+    exist (a preempted run may have written none of them), the checkpoint directory, and for a
+    preempted run how to resume.
+  """
+  def path(name):
+    return os.path.join(workdir, name)
+
+  lines = [f"finished at step {result.get('step')}"
+           + (" (preempted: run the same command to resume)" if result.get("preempted") else "")]
+  if "AP" in result:
+    lines.append(f"COCO AP {result['AP']:.4f}  AP50 {result['AP50']:.4f}  "
+                 f"AP75 {result['AP75']:.4f}")
+  if os.path.exists(path("training_curves.png")):
+    lines.append(f"plot:        {path('training_curves.png')}")
+  metrics = [f"{path(name)} ({what})" for name, what in
+             (("metrics.jsonl", "train"), ("coco_metrics.json", "COCO eval"))
+             if os.path.exists(path(name))]
+  if metrics:
+    lines.append("metrics:     " + ", ".join(metrics))
+  if os.path.isdir(path("tensorboard")):
+    lines.append(f"tensorboard: tensorboard --logdir {path('tensorboard')}")
+  lines.append(f"checkpoints: {path('checkpoints')}")
+  return "\n".join(lines)
+
+
 def train_and_evaluate(config, workdir: str, mesh: Optional[Mesh] = None) -> dict:
   """Trains `build_model(config)` (resuming from workdir/checkpoints) and evaluates it.
 
@@ -232,9 +284,10 @@ def train_and_evaluate(config, workdir: str, mesh: Optional[Mesh] = None) -> dic
     mesh: the device mesh (axis 'data'); default all devices of all processes.
 
   Returns:
-    the last evaluation's metrics (AP, AP50, ... from evaluator.evaluate) plus `step` and
-    `train_loss` (mean loss of the last logging window); {"step", "preempted": True} when stopped
-    by SIGTERM.
+    the last evaluation's metrics (AP, AP50, ... from evaluator.evaluate, or for a complete
+    run started again those of its eval row in metrics.jsonl) plus `step` and `train_loss` (mean
+    loss of the last logging window; nan if no step was trained); {"step", "preempted": True}
+    when stopped by SIGTERM.
   """
   workdir = os.path.abspath(workdir)
   is_main = jax.process_index() == 0
@@ -318,10 +371,13 @@ def train_and_evaluate(config, workdir: str, mesh: Optional[Mesh] = None) -> dic
       host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
       fetched = time.time()  # step `step_done` has finished.
       if not all(math.isfinite(v) for v in host.values()):
+        manager.wait()  # a save still in flight counts as written.
+        latest = manager.latest_step()
+        kept = (f"no checkpoint was written yet in {manager.directory}" if latest is None else
+                f"the last good checkpoint in {manager.directory} is step {latest}")
         raise FloatingPointError(
-            f"non-finite loss at step {step_done - 1} (the update to step {step_done}): "
-            f"{_format_terms(host)}; the last good checkpoint in {manager.directory} is step "
-            f"{manager.latest_step()}")
+            f"non-finite loss at step {step_done} (the update from step {step_done - 1}, "
+            f"numbered as in metrics.jsonl): {_format_terms(host)}; {kept}")
       for k, v in host.items():
         window[k] = window.get(k, 0.0) + v
       window_steps += 1
@@ -366,7 +422,12 @@ def train_and_evaluate(config, workdir: str, mesh: Optional[Mesh] = None) -> dic
       manager.wait()
     writer.plot()
     if eval_every != 0:
-      run_eval(final_step)
+      stored = _stored_eval(writer, final_step) if start_step == final_step else None
+      if stored is None:
+        run_eval(final_step)
+      else:
+        last_eval = stored
+        _announce(f"step {final_step} was already evaluated (metrics.jsonl): not evaluating again")
     result = dict(last_eval)
     result.update(step=final_step, train_loss=window_loss)
     return result

@@ -16,6 +16,7 @@ from pycocotools.cocoeval import COCOeval
 
 from configs import tiny
 from ddetr_jax import data as data_lib
+from ddetr_jax import errors
 from ddetr_jax import evaluator
 from tests import oracle_model
 
@@ -205,6 +206,28 @@ def test_load_params_plain_and_manager(tmp_path):
   assert evaluator.checkpoint_params_dir(str(tmp_path / "manager"))[1] == 10
   with pytest.raises(FileNotFoundError, match="no_such_dir"):
     evaluator.load_params(str(tmp_path / "no_such_dir"))
+
+
+def test_load_params_names_every_parameter_that_does_not_fit_the_model(tmp_path):
+  params = {"class_embed": {"kernel": np.zeros((4, 5), np.float32)},
+            "query_embed": np.ones((16, 8), np.float32),
+            "old_head": {"bias": np.zeros((3,), np.float32)}}
+  path = str(tmp_path / "ckpt")
+  ocp.PyTreeCheckpointer().save(path, {"params": params})  # the layout of convert.save_params
+  expected = {"class_embed": {"kernel": jax.ShapeDtypeStruct((4, 7), jnp.float32)},
+              "query_embed": jax.ShapeDtypeStruct((16, 8), jnp.float32),
+              "new_head": {"bias": jax.ShapeDtypeStruct((3,), jnp.float32)}}
+  with pytest.raises(errors.InvalidInputError) as error:
+    evaluator.load_params(path, expected=expected)
+  message = str(error.value)
+  assert path in message
+  assert "class_embed/kernel checkpoint (4, 5) vs model (4, 7)" in message
+  assert "missing from the checkpoint: ['new_head/bias']" in message
+  assert "not in the model: ['old_head/bias']" in message
+  assert "query_embed" not in message
+  fitting = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+  restored = evaluator.load_params(path, expected=fitting)
+  jax.tree.map(np.testing.assert_array_equal, restored, params)
 
 
 def test_eval_cli_evaluates_and_predicts(tmp_path):

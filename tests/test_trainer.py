@@ -209,7 +209,9 @@ def test_sigterm_checkpoint_then_sigkill_resume_is_exact(one_device_run, tmp_pat
   assert [last[s] for s in range(1, STEPS + 1)] == [train_ref[s]["loss"] for s in range(1, STEPS + 1)]
 
 
-def test_non_finite_loss_stops_with_step_and_terms(monkeypatch, tmp_path):
+@pytest.mark.parametrize("poisoned_batch,checkpoints", [(4, ["2"]), (1, [])])
+def test_non_finite_loss_stops_with_step_and_terms(monkeypatch, tmp_path, poisoned_batch,
+                                                   checkpoints):
   make = data_lib.make_train_iterator
 
   class Poisoned:
@@ -220,7 +222,7 @@ def test_non_finite_loss_stops_with_step_and_terms(monkeypatch, tmp_path):
     def __next__(self):
       batch = next(self.inner)
       self.count += 1
-      if self.count == 4:  # the batch of step index 3 (the update 3 -> 4).
+      if self.count == poisoned_batch:
         batch = dict(batch, images=batch["images"] * np.nan)
       return batch
 
@@ -232,12 +234,20 @@ def test_non_finite_loss_stops_with_step_and_terms(monkeypatch, tmp_path):
   with pytest.raises(FloatingPointError) as error:
     trainer.train_and_evaluate(config, str(tmp_path), mesh=sharding.make_mesh(jax.devices()[:1]))
   message = str(error.value)
-  assert "non-finite loss at step 3" in message
+  # metrics.jsonl numbers the updates before the poisoned one 1, 2, ...: the message uses the
+  # number it would give the poisoned update.
+  logged = sorted(_train_rows(str(tmp_path))[0]) if poisoned_batch > 1 else []
+  assert logged == list(range(1, poisoned_batch))
+  assert f"non-finite loss at step {poisoned_batch} " in message
   assert "loss_ce=nan" in message and "loss_bbox=" in message and "loss_giou_0=" in message
-  assert "last good checkpoint" in message and "step 2" in message
-  assert sorted(os.listdir(os.path.join(tmp_path, "checkpoints"))) == ["2"]
-  for value in _flat(_params(str(tmp_path), 2)).values():
-    assert np.isfinite(value).all()
+  if checkpoints:
+    assert f"last good checkpoint in {tmp_path / 'checkpoints'} is step 2" in message
+  else:
+    assert "no checkpoint was written yet" in message and "None" not in message
+  assert sorted(os.listdir(os.path.join(tmp_path, "checkpoints"))) == checkpoints
+  for step in checkpoints:
+    for value in _flat(_params(str(tmp_path), int(step))).values():
+      assert np.isfinite(value).all()
 
 
 def test_batch_not_divisible_by_devices_names_both_numbers(tmp_path):
@@ -279,3 +289,66 @@ def test_init_checkpoint_loads_a_backbone_only_checkpoint_and_rejects_misfits(on
   with pytest.raises(ValueError, match=r"init_checkpoint .*class_embed/kernel checkpoint "
                                        r"\(32, 9\) vs model \(32, 5\)"):
     trainer.load_init_checkpoint(bad_path, config, fresh)
+
+
+def test_preempted_run_summary_lists_only_the_files_it_wrote(one_device_run, monkeypatch,
+                                                             tmp_path):
+  monkeypatch.setattr(trainer._Preemption, "requested", lambda self, step: True)  # SIGTERM now.
+  workdir = str(tmp_path)
+  result = trainer.train_and_evaluate(train_worker.small_config(eval_every=-1), workdir,
+                                      mesh=sharding.make_mesh(jax.devices()[:1]))
+  assert result == {"step": 1, "preempted": True}
+  summary = trainer.final_summary(workdir, result)
+  for name in ("training_curves.png", "coco_metrics.json"):
+    assert not os.path.exists(os.path.join(workdir, name))
+    assert name not in summary
+  for name in ("metrics.jsonl", "tensorboard", "checkpoints"):
+    assert os.path.exists(os.path.join(workdir, name)) and os.path.join(workdir, name) in summary
+  assert "run the same command to resume" in summary and "COCO AP" not in summary
+  done, metrics = one_device_run  # a complete run: everything listed, with its AP.
+  summary = trainer.final_summary(done, metrics)
+  for name in ("training_curves.png", "metrics.jsonl", "coco_metrics.json", "tensorboard",
+               "checkpoints"):
+    assert os.path.join(done, name) in summary
+  assert f"COCO AP {metrics['AP']:.4f}" in summary and "resume" not in summary
+
+
+def _copy_of_finished_run(one_device_run, tmp_path, keep_eval_rows: bool) -> str:
+  done, _ = one_device_run
+  workdir = str(tmp_path / "run")
+  shutil.copytree(done, workdir)
+  if not keep_eval_rows:  # killed during the final evaluation: checkpoint 6, no eval row.
+    path = os.path.join(workdir, "metrics.jsonl")
+    with open(path) as f:
+      lines = [line for line in f if json.loads(line)["kind"] != "eval"]
+    with open(path, "w") as f:
+      f.writelines(lines)
+    os.remove(os.path.join(workdir, "coco_metrics.json"))
+  return workdir
+
+
+def test_rerun_of_a_finished_run_reports_its_eval_without_evaluating_again(one_device_run,
+                                                                          tmp_path):
+  _, metrics = one_device_run
+  workdir = _copy_of_finished_run(one_device_run, tmp_path, keep_eval_rows=True)
+  _, evals_before = _train_rows(workdir)
+  result = trainer.train_and_evaluate(train_worker.small_config(eval_every=-1), workdir,
+                                      mesh=sharding.make_mesh(jax.devices()[:1]))
+  _, evals = _train_rows(workdir)
+  assert evals == evals_before and [e["step"] for e in evals] == [STEPS]
+  assert result["step"] == STEPS
+  for name in evaluator.METRIC_NAMES:
+    assert result[name] == pytest.approx(metrics[name]), name
+
+
+def test_rerun_of_a_run_killed_during_its_final_eval_evaluates(one_device_run, tmp_path):
+  _, metrics = one_device_run
+  workdir = _copy_of_finished_run(one_device_run, tmp_path, keep_eval_rows=False)
+  result = trainer.train_and_evaluate(train_worker.small_config(eval_every=-1), workdir,
+                                      mesh=sharding.make_mesh(jax.devices()[:1]))
+  _, evals = _train_rows(workdir)
+  assert [e["step"] for e in evals] == [STEPS]
+  with open(os.path.join(workdir, "coco_metrics.json")) as f:
+    assert json.load(f)["step"] == STEPS
+  for name in evaluator.METRIC_NAMES:  # the same params evaluate to the same numbers.
+    assert result[name] == pytest.approx(metrics[name]), name

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 from pycocotools.coco import COCO
 
+from ddetr_jax import errors
 from ddetr_jax.data.errors import CorruptImageError
 
 _REQUIRED_KEYS = ("images", "annotations", "categories")
@@ -28,47 +29,46 @@ _REQUIRED_KEYS = ("images", "annotations", "categories")
 def load_annotation_json(ann_file: str) -> dict:
   """Loads and checks a COCO detection json; errors name the file and the offending entry."""
   if not os.path.isfile(ann_file):
-    raise FileNotFoundError(f"COCO annotation file not found: {ann_file!r}")
+    raise errors.MissingInputError(f"COCO annotation file not found: {ann_file!r}")
+
+  def malformed(detail: str) -> errors.InvalidInputError:
+    return errors.InvalidInputError(f"malformed COCO annotation json {ann_file!r}: {detail}")
+
   try:
     with open(ann_file) as f:
       dataset = json.load(f)
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ValueError(f"malformed COCO annotation json {ann_file!r}: {e}") from e
+    raise malformed(str(e)) from e
   if not isinstance(dataset, dict):
-    raise ValueError(f"malformed COCO annotation json {ann_file!r}: top level is "
-                     f"{type(dataset).__name__}, expected an object")
+    raise malformed(f"top level is {type(dataset).__name__}, expected an object")
   for key in _REQUIRED_KEYS:
     if not isinstance(dataset.get(key), list):
-      raise ValueError(f"malformed COCO annotation json {ann_file!r}: missing list {key!r}")
+      raise malformed(f"missing list {key!r}")
   for i, image in enumerate(dataset["images"]):
     for key in ("id", "file_name"):
       if not isinstance(image, dict) or key not in image:
-        raise ValueError(f"malformed COCO annotation json {ann_file!r}: images[{i}] has no "
-                         f"{key!r}: {str(image)[:200]}")
+        raise malformed(f"images[{i}] has no {key!r}: {str(image)[:200]}")
   for i, category in enumerate(dataset["categories"]):
     if not isinstance(category, dict) or not isinstance(category.get("id"), int):
-      raise ValueError(f"malformed COCO annotation json {ann_file!r}: categories[{i}] has no "
-                       f"integer 'id': {str(category)[:200]}")
+      raise malformed(f"categories[{i}] has no integer 'id': {str(category)[:200]}")
   image_ids = {image["id"] for image in dataset["images"]}
   category_ids = {category["id"] for category in dataset["categories"]}
   for i, ann in enumerate(dataset["annotations"]):
     where = f"annotations[{i}] (id {ann.get('id') if isinstance(ann, dict) else None})"
     if not isinstance(ann, dict):
-      raise ValueError(f"malformed COCO annotation json {ann_file!r}: {where} is not an object")
+      raise malformed(f"{where} is not an object")
     for key in ("image_id", "category_id", "bbox"):
       if key not in ann:
-        raise ValueError(f"malformed COCO annotation json {ann_file!r}: {where} has no {key!r}")
+        raise malformed(f"{where} has no {key!r}")
     bbox = ann["bbox"]
     if (not isinstance(bbox, (list, tuple)) or len(bbox) != 4
         or not all(isinstance(v, (int, float)) or v is None for v in bbox)):
-      raise ValueError(f"malformed COCO annotation json {ann_file!r}: {where} bbox must be 4 "
-                       f"numbers [x, y, w, h], got {bbox!r}")
+      raise malformed(f"{where} bbox must be 4 numbers [x, y, w, h], got {bbox!r}")
     if ann["image_id"] not in image_ids:
-      raise ValueError(f"malformed COCO annotation json {ann_file!r}: {where} refers to "
-                       f"image_id {ann['image_id']} which is not in 'images'")
+      raise malformed(f"{where} refers to image_id {ann['image_id']} which is not in 'images'")
     if ann["category_id"] not in category_ids:
-      raise ValueError(f"malformed COCO annotation json {ann_file!r}: {where} has category_id "
-                       f"{ann['category_id']} which is not in 'categories'")
+      raise malformed(f"{where} has category_id {ann['category_id']} which is not in "
+                      f"'categories'")
   return dataset
 
 
@@ -90,7 +90,7 @@ def category_label_map(category_ids: list[int], mode: str) -> dict[int, int]:
     return {c: c for c in category_ids}
   if mode == "contiguous":
     return {c: i for i, c in enumerate(sorted(category_ids))}
-  raise ValueError(f"data.category_ids must be 'raw' or 'contiguous', got {mode!r}")
+  raise errors.InvalidInputError(f"data.category_ids must be 'raw' or 'contiguous', got {mode!r}")
 
 
 def load_coco(ann_file: str) -> COCO:
@@ -108,7 +108,8 @@ class CocoFolderSource:
     self.ann_file = ann_file
     self.image_dir = image_dir
     if not os.path.isdir(image_dir):
-      raise FileNotFoundError(f"image directory not found: {image_dir!r} (for {ann_file!r})")
+      raise errors.MissingInputError(f"image directory not found: {image_dir!r} (for "
+                                     f"{ann_file!r})")
     self.coco = load_coco(ann_file)
     categories = sorted(self.coco.cats.values(), key=lambda c: c["id"])
     self.category_to_label = category_label_map([c["id"] for c in categories], category_ids)

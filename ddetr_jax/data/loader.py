@@ -25,6 +25,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from ddetr_jax import errors
 from ddetr_jax.data import batching
 from ddetr_jax.data import sources
 from ddetr_jax.data import transforms
@@ -119,15 +120,15 @@ def _process_seed(seed: int, salt: int) -> int:
 def _local_batch_size(global_batch_size: int, what: str) -> int:
   count = jax.process_count()
   if global_batch_size % count:
-    raise ValueError(f"{what}={global_batch_size} is not divisible by the number of JAX "
-                     f"processes {count}")
+    raise errors.InvalidInputError(f"{what}={global_batch_size} is not divisible by the number "
+                                   f"of JAX processes {count}")
   return global_batch_size // count
 
 
 def _check_mesh(mesh: Mesh | None, global_batch_size: int, what: str):
   if mesh is not None and global_batch_size % mesh.shape["data"]:
-    raise ValueError(f"{what}={global_batch_size} is not divisible by the mesh's 'data' axis "
-                     f"size {mesh.shape['data']}")
+    raise errors.InvalidInputError(f"{what}={global_batch_size} is not divisible by the mesh's "
+                                   f"'data' axis size {mesh.shape['data']}")
 
 
 class _Globalize:
@@ -218,7 +219,7 @@ def make_train_iterator(config, mesh: Mesh | None = None,
   local_batch = _local_batch_size(global_batch, "train.global_batch_size")
   _check_mesh(mesh, global_batch, "train.global_batch_size")
   if len(source) == 0:
-    raise ValueError("the training split is empty")
+    raise errors.InvalidInputError("the training split is empty")
   seed = int(data.seed)
   ds = grain.MapDataset.range(len(source))
   ds = ds.shuffle(seed=_process_seed(seed, 0)).repeat(None)

@@ -23,6 +23,8 @@ import tempfile
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ddetr_jax import errors
+
 # COCO-style category ids start at 1.
 CATEGORIES = ({"id": 1, "name": "square"}, {"id": 2, "name": "circle"},
               {"id": 3, "name": "triangle"}, {"id": 4, "name": "star"})
@@ -42,13 +44,13 @@ class ShapesSpec:
 
   def validate(self):
     if self.num_train < 1 or self.num_val < 1:
-      raise ValueError(f"data.shapes.num_train/num_val must be >= 1, got {self.num_train}/"
-                       f"{self.num_val}")
+      raise errors.InvalidInputError(f"data.shapes.num_train/num_val must be >= 1, got "
+                                     f"{self.num_train}/{self.num_val}")
     if self.image_size < 16:
-      raise ValueError(f"data.shapes.image_size must be >= 16, got {self.image_size}")
+      raise errors.InvalidInputError(f"data.shapes.image_size must be >= 16, got {self.image_size}")
     if not 0 <= self.min_objects <= self.max_objects:
-      raise ValueError("data.shapes needs 0 <= min_objects <= max_objects, got "
-                       f"{self.min_objects}, {self.max_objects}")
+      raise errors.InvalidInputError("data.shapes needs 0 <= min_objects <= max_objects, got "
+                                     f"{self.min_objects}, {self.max_objects}")
 
   def digest(self) -> str:
     text = json.dumps(dict(dataclasses.asdict(self), version=_GENERATOR_VERSION), sort_keys=True)

@@ -13,6 +13,7 @@ import os
 import numpy as np
 from pycocotools.coco import COCO
 
+from ddetr_jax import errors
 from ddetr_jax.data import coco_folder
 from ddetr_jax.data import shapes
 
@@ -36,8 +37,8 @@ def coco_paths(data_config, split: str) -> tuple[str, str]:
   ann_file = data_config.get(f"{key}_ann_file")
   image_dir = data_config.get(f"{key}_image_dir")
   if not ann_file or not image_dir:
-    raise ValueError(f"data.source='coco_folder' needs data.{key}_ann_file and "
-                     f"data.{key}_image_dir, got {ann_file!r} and {image_dir!r}")
+    raise errors.InvalidInputError(f"data.source='coco_folder' needs data.{key}_ann_file and "
+                                   f"data.{key}_image_dir, got {ann_file!r} and {image_dir!r}")
   return ann_file, image_dir
 
 
@@ -71,10 +72,11 @@ def build_source(data_config, split: str, num_classes: int | None = None):
     source = tfds_split_source(data_config, split)
     where = f"TFDS {data_config.tfds_name!r}"
   else:
-    raise ValueError(f"unknown data.source {data_config.source!r}; expected one of {SOURCES}")
+    raise errors.InvalidInputError(f"unknown data.source {data_config.source!r}; expected one of "
+                                   f"{SOURCES}")
   if num_classes is not None and source.max_label >= num_classes:
     category = source.label_to_category[source.max_label]
-    raise ValueError(
+    raise errors.InvalidInputError(
         f"category id {category} of {where} becomes label {source.max_label}, which needs "
         f"model.num_classes > {source.max_label} but it is {num_classes} (data.category_ids="
         f"{data_config.category_ids!r}; 'contiguous' numbers the categories 0..K-1)")
@@ -121,7 +123,8 @@ def coco_ground_truth(data_config, split: str = "val") -> COCO:
     ann_file, _ = coco_paths(data_config, split)
     return coco_folder.load_coco(ann_file)
   if data_config.source != "tfds":
-    raise ValueError(f"unknown data.source {data_config.source!r}; expected one of {SOURCES}")
+    raise errors.InvalidInputError(f"unknown data.source {data_config.source!r}; expected one of "
+                                   f"{SOURCES}")
   source = tfds_split_source(data_config, split, decode_images=False)
   images, annotations = [], []
   for index in range(len(source)):

@@ -13,6 +13,7 @@ import os
 
 import numpy as np
 
+from ddetr_jax import errors
 from ddetr_jax.data.errors import CorruptImageError
 
 # COCO 2017 category ids of TFDS labels 0..79 (ids 12, 26, 29, 30, 45, 66, 68, 69, 71, 83 unused).
@@ -56,7 +57,7 @@ class TfdsSource:
     except Exception as e:  # pylint: disable=broad-except  (tfds's error varies with the state)
       if builder.is_prepared():
         raise
-      raise FileNotFoundError(
+      raise errors.MissingInputError(
           f"TFDS dataset {name!r} is not prepared in data dir {str(builder.data_dir_root)!r} (no "
           f"{builder.data_dir}/dataset_info.json; data.tfds_data_dir={data_dir!r}). Build it "
           f"with `tfds build {name} --data_dir=DIR --file_format=array_record`, "
@@ -75,7 +76,8 @@ class TfdsSource:
       self.label_to_category = dict(enumerate(dataset_ids))
       self._label_of_tfds = np.arange(len(dataset_ids), dtype=np.int32)
     else:
-      raise ValueError(f"data.category_ids must be 'raw' or 'contiguous', got {category_ids!r}")
+      raise errors.InvalidInputError(f"data.category_ids must be 'raw' or 'contiguous', got "
+                                     f"{category_ids!r}")
     self.label_names = {int(self._label_of_tfds[i]): n for i, n in enumerate(names)}
 
   @property

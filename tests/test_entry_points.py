@@ -1,0 +1,124 @@
+"""train.py and eval.py run as a user runs them (subprocesses): user errors (mistyped config
+overrides, a checkpoint of another config, missing inputs, a batch the devices cannot split) are
+one `error: ...` line with exit status 2; other exceptions keep their traceback; eval.py shows
+orbax's INFO logs only with --verbosity."""
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from configs import tiny
+from ddetr_jax import convert
+from ddetr_jax import trainer
+from ddetr_jax.models import build_model
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "configs", "tiny.py") + ":single_scale"
+SMALL = ("--config.model.enc_layers=1", "--config.model.dec_layers=1")
+_INFO_LINE = re.compile(r"^I\d{4} ", re.MULTILINE)  # absl's INFO prefix: I<mmdd> <time> ...
+
+
+def _run(script, *args, xla_flags=""):
+  env = dict(os.environ, XLA_FLAGS=xla_flags, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, *([os.path.join(REPO, script)] if script else []),
+                         *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def _assert_user_error(run, *fragments) -> str:
+  """Exit status 2, no traceback, stderr ending in one `error: ` line holding every fragment."""
+  assert run.returncode == 2, run.stderr[-3000:]
+  assert "Traceback" not in run.stderr, run.stderr[-3000:]
+  last = run.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: "), run.stderr[-3000:]
+  for fragment in fragments:
+    assert fragment in last, (fragment, last)
+  return last
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+  """A converted-style checkpoint ({'params': ...}) of TINY + SMALL; zeros (never run)."""
+  config = tiny.get_config("single_scale")
+  config.model.enc_layers = config.model.dec_layers = 1
+  shapes = trainer.abstract_params(build_model(config), config)
+  params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+  path = str(tmp_path_factory.mktemp("tiny_checkpoint") / "ckpt")
+  convert.save_params(params, path)
+  return path, params
+
+
+@pytest.mark.parametrize("script,config_args,override,suggestion", [
+    ("train.py", (), "--config.train.num_train_stepz=3", "--config.train.num_train_steps"),
+    ("train.py", ("--config", TINY), "--config.trian.num_train_steps=3", "--config.train"),
+    ("eval.py", ("--config", TINY), "--config.model.hiden_dim=8", "--config.model.hidden_dim"),
+])
+def test_mistyped_config_override_is_one_line_with_close_matches(tmp_path, script, config_args,
+                                                                 override, suggestion):
+  flag = override.split("=")[0]
+  extra = ("--checkpoint", str(tmp_path)) if script == "eval.py" else ()
+  run = _run(script, *config_args, override, "--workdir", str(tmp_path), *extra)
+  _assert_user_error(run, flag + ":", "did you mean", suggestion)
+  assert len(run.stderr.strip().splitlines()) == 1, run.stderr
+
+
+def test_eval_of_a_checkpoint_of_another_config_names_the_parameters(tiny_checkpoint, tmp_path):
+  path, params = tiny_checkpoint
+  stored = tuple(params["query_embed"].shape)  # [num_queries, 2 * hidden_dim]
+  wanted = (stored[0] - 6,) + stored[1:]
+  run = _run("eval.py", "--config", TINY, *SMALL, f"--config.model.num_queries={wanted[0]}",
+             "--checkpoint", path, "--workdir", str(tmp_path))
+  last = _assert_user_error(run, path, f"query_embed checkpoint {stored} vs model {wanted}")
+  assert "ScopeParamShapeError" not in run.stderr
+  assert "does not fit" in last and "1 with different shapes" in last
+
+
+def test_eval_shows_orbax_info_logs_only_with_verbosity(tiny_checkpoint, tmp_path):
+  path, _ = tiny_checkpoint
+  args = ("--config", TINY, *SMALL, f"--config.data.cache_dir={tmp_path / 'cache'}",
+          "--checkpoint", path, "--predict", str(tmp_path / "no_images" / "*.jpg"),
+          "--workdir", str(tmp_path))
+  quiet = _run("eval.py", *args)
+  _assert_user_error(quiet, "no image files match", "no_images")
+  assert not _INFO_LINE.search(quiet.stderr), quiet.stderr[-3000:]
+  verbose = _run("eval.py", *args, "--verbosity=0")
+  _assert_user_error(verbose, "no image files match")
+  info = [line for line in verbose.stderr.splitlines() if _INFO_LINE.match(line)]
+  assert any("checkpoint" in line for line in info), verbose.stderr[-3000:]  # orbax's restore
+
+
+def test_train_with_a_missing_annotation_file_is_a_user_error(tmp_path):
+  missing = str(tmp_path / "missing.json")
+  run = _run("train.py", "--config", TINY, "--config.data.source=coco_folder",
+             f"--config.data.train_ann_file={missing}", f"--config.data.train_image_dir={tmp_path}",
+             f"--config.data.val_ann_file={missing}", f"--config.data.val_image_dir={tmp_path}",
+             "--workdir", str(tmp_path / "work"))
+  _assert_user_error(run, "annotation file not found", missing)
+
+
+def test_train_with_a_batch_the_devices_cannot_split_is_a_user_error(tmp_path):
+  run = _run("train.py", "--config", TINY, "--config.train.global_batch_size=8",
+             "--workdir", str(tmp_path), xla_flags="--xla_force_host_platform_device_count=3")
+  _assert_user_error(run, "global_batch_size=8", "number of devices 3")
+
+
+def test_only_user_errors_lose_their_traceback(tmp_path):
+  program = textwrap.dedent("""
+      from ddetr_jax import cli, errors
+
+      def main(argv):
+        if argv[1] == "user":
+          raise errors.MissingInputError("no dataset in /data/tfds")
+        raise KeyError("a bug")
+
+      cli.run(main)
+  """)
+  user = _run(None, "-c", program, "user")
+  assert user.returncode == 2 and user.stderr == "error: no dataset in /data/tfds\n", user.stderr
+  bug = _run(None, "-c", program, "bug")
+  assert bug.returncode == 1, bug.stderr
+  assert "Traceback" in bug.stderr and "KeyError: 'a bug'" in bug.stderr
