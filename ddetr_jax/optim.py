@@ -13,8 +13,9 @@ Parameter groups, decided by the path of each leaf in the params tree (a leading
   'default'     everything else: lr.
 All trainable groups use AdamW(b1, b2, eps=1e-8, weight_decay) with decoupled decay scaled by
 the group's (scheduled) lr, as torch.optim.AdamW. Order of operations as in the official
-loop: frozen gradients zeroed -> global-norm clip over all trainable gradients
-(clip_max_norm; <= 0 disables) -> per-group AdamW. The lr of every group is multiplied by 0.1
+loop: frozen gradients ignored -> global-norm clip over all trainable gradients
+(clip_max_norm; <= 0 disables; torch's clip_grad_norm_ formula) -> per-group AdamW; all of it
+is one transformation, `grouped_adamw.grouped_adamw` (see there why not an optax chain). The lr of every group is multiplied by 0.1
 from epoch `lr_drop` on (torch StepLR stepped once per epoch).
 
 `config.optim.freeze_stem` (default True, the official choice for an ImageNet-pretrained
@@ -24,13 +25,14 @@ trained from scratch, as in configs/shapes.py. Frozen BatchNorm stays frozen eit
 Gradient accumulation (grad_accum_steps > 1) wraps everything in `optax.MultiSteps`:
 gradients of k consecutive `update` calls are averaged, then one real update is made.
 """
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from ddetr_jax import errors
+from ddetr_jax import grouped_adamw
 
 GROUPS = ("default", "backbone", "linear_proj", "frozen")
 _FROZEN_BACKBONE_MODULES = ("conv1", "bn1")
@@ -117,24 +119,14 @@ def make_optimizer(optim_config: Any, steps_per_epoch: int, params: Any
   updates_per_epoch = steps_per_epoch // accum
   labels = param_labels(params, bool(c.get("freeze_stem", True)))
 
-  def adamw(lr):
-    return optax.adamw(learning_rate_schedule(lr, c.lr_drop, updates_per_epoch),
-                       b1=c.b1, b2=c.b2, eps=1e-8, weight_decay=c.weight_decay)
+  def schedule(lr):
+    return learning_rate_schedule(lr, c.lr_drop, updates_per_epoch)
 
-  group_transforms: Mapping[str, optax.GradientTransformation] = {
-      "default": adamw(c.lr),
-      "backbone": adamw(c.lr_backbone),
-      "linear_proj": adamw(c.lr * c.lr_linear_proj_mult),
-      "frozen": optax.set_to_zero(),
-  }
-  zero_frozen = optax.multi_transform(
-      {"frozen": optax.set_to_zero(), "trainable": optax.identity()},
-      jax.tree.map(lambda label: "frozen" if label == "frozen" else "trainable", labels))
-  chain = [zero_frozen]
-  if c.clip_max_norm and c.clip_max_norm > 0:
-    chain.append(optax.clip_by_global_norm(c.clip_max_norm))
-  chain.append(optax.multi_transform(group_transforms, labels))
-  optimizer = optax.chain(*chain)
+  optimizer = grouped_adamw.grouped_adamw(
+      labels, {"default": schedule(c.lr), "backbone": schedule(c.lr_backbone),
+               "linear_proj": schedule(c.lr * c.lr_linear_proj_mult)},
+      b1=c.b1, b2=c.b2, eps=1e-8, weight_decay=c.weight_decay,
+      clip_max_norm=c.clip_max_norm or 0.0)
   if accum > 1:
     optimizer = optax.MultiSteps(optimizer, every_k_schedule=accum).gradient_transformation()
   return optimizer
