@@ -3,7 +3,7 @@
 COCO evaluation of the configured validation split (prints the 12 metrics and writes
 WORKDIR/coco_metrics.json and WORKDIR/coco_results.json):
   python eval.py --config configs/deformable_detr.py:default --checkpoint DIR --workdir W
-  python eval.py --config configs/deformable_detr.py:default --torch_checkpoint r50_deformable_detr.pth
+  python eval.py --config configs/deformable_detr.py:default --torch_checkpoint r50_deformable_detr-checkpoint.pth
 Predictions (annotated images, sampling-point pictures, detections.json) on any images:
   python eval.py --config ... --checkpoint DIR --predict 'photos/*.jpg' --out OUT
   python eval.py --config configs/shapes.py --checkpoint W/checkpoints --predict_val 4 --out OUT
