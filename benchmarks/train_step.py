@@ -210,14 +210,18 @@ def main():
   parser.add_argument("--matcher", default="hungarian",
                       help="JAX matcher: hungarian (in-graph) or scipy (host, like HF's)")
   parser.add_argument("--malloc", default="tuned", choices=("tuned", "default"),
-                      help="tuned: ddetr_jax.host_malloc.tune() as train.py does; default: "
-                           "glibc's defaults (JAX and HF share the setting)")
+                      help="tuned: ddetr_jax.host_malloc.tune() (and huge pages with DDETR_JAX_HUGE_PAGES=1) "
+                           "as train.py does; "
+                           "default: glibc's defaults (JAX and HF share the setting)")
   parser.add_argument("--attention_impl", default="auto",
                       help="the JAX model's ms_deform_attn impl: auto, cpu, xla, xla_packed")
   args = parser.parse_args()
   from ddetr_jax import host_malloc  # pylint: disable=g-import-not-at-top
   # JAX and HF run in this process, so both always see the same allocator.
+  if args.malloc == "tuned":
+    host_malloc.reexec_with_huge_pages()  # with DDETR_JAX_HUGE_PAGES=1: restarts with THP
   malloc_tuned = args.malloc == "tuned" and host_malloc.tune()
+  huge_pages = host_malloc.HUGE_PAGES_TUNABLE in os.environ.get("GLIBC_TUNABLES", "")
   import jax  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   from ddetr_jax.ops import ms_deform_attn  # pylint: disable=g-import-not-at-top
@@ -227,7 +231,8 @@ def main():
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}; torch {torch.__version__} "
         f"with {torch.get_num_threads()} threads; batch {args.batch}, {args.size}x{args.size} px, "
         f"{args.steps} timed steps; JAX matcher {args.matcher}, sampler impl {impl!r}; glibc malloc "
-        f"{'tuned (ddetr_jax.host_malloc)' if malloc_tuned else 'left at its defaults'}")
+        f"{'tuned (ddetr_jax.host_malloc)' if malloc_tuned else 'left at its defaults'}"
+        f"{', transparent huge pages (glibc.malloc.hugetlb=1)' if huge_pages else ''}")
   jax_peak, torch_peak = matmul_peaks()
   print(f"2048^3 float32 matmul: XLA {jax_peak:.0f} GFLOP/s, torch {torch_peak:.0f} GFLOP/s")
   print(f"{'config':8s} {'jax compile s':>14s} {'jax s/step':>11s} {'hf s/step':>10s} "

@@ -5,7 +5,8 @@
       override `--config.a.b=V` naming no field of the config prints
       `error: --config.a.b: config.a has no field 'b'; did you mean --config.a.c?` and exits
       with status 2, where ml_collections would end a traceback with a garbled AttributeError.
-  run(main)  absl's `app.run(main)` with two changes: absl and orbax log at WARNING (orbax logs
+  run(main)  absl's `app.run(main)`, after restarting with transparent huge pages where they
+      apply (`host_malloc.reexec_with_huge_pages`), with two changes: absl and orbax log at WARNING (orbax logs
       every checkpoint save and restore at INFO) unless --verbosity is given (`--verbosity=0`
       shows them); and an `errors.UserError` is printed as `error: <message>` on stderr with exit
       status 2 and no traceback. Any other exception keeps its traceback.
@@ -22,6 +23,7 @@ from ml_collections import config_dict
 from ml_collections.config_flags import config_flags as ml_config_flags
 
 from ddetr_jax import errors
+from ddetr_jax import host_malloc
 
 USER_ERROR_EXIT_STATUS = 2
 
@@ -93,7 +95,12 @@ def check_config_overrides(argv: Sequence[str], default_config: str) -> None:
 
 
 def run(main: Callable[[list[str]], None]) -> None:
-  """`app.run(main)`, quiet unless --verbosity is given, printing user errors as one line."""
+  """`app.run(main)`, quiet unless --verbosity is given, printing user errors as one line.
+
+  First restarts the process with transparent huge pages for glibc's large blocks where that
+  applies (`host_malloc.reexec_with_huge_pages`, opt-in: DDETR_JAX_HUGE_PAGES=1).
+  """
+  host_malloc.reexec_with_huge_pages()
 
   def main_printing_user_errors(argv):
     if not flags.FLAGS["verbosity"].present:

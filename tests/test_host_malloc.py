@@ -85,3 +85,72 @@ def test_bad_arena_cap_is_an_error_naming_the_variable(monkeypatch):
   monkeypatch.setenv("DDETR_JAX_MALLOC_ARENA_MAX", "zero")
   with pytest.raises(ValueError, match="DDETR_JAX_MALLOC_ARENA_MAX.*'zero'"):
     host_malloc.tune()
+
+
+# Restarts itself through reexec_with_huge_pages, then writes a 64 MiB malloc'd block and prints the GLIBC_TUNABLES it runs with, its PID before and after the restart, and the
+# kB of anonymous huge pages mapped (/proc/self/smaps_rollup).
+_HUGE_PAGE_PROBE = r"""
+import os, sys
+sys.path.insert(0, sys.argv[1])
+first_pid = os.environ.setdefault("PROBE_FIRST_PID", str(os.getpid()))
+from ddetr_jax import host_malloc
+host_malloc.reexec_with_huge_pages()
+import ctypes
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = (ctypes.c_size_t,)
+block = libc.malloc(64 << 20)  # 64 MiB from glibc, as XLA allocates (numpy advises on its own)
+ctypes.memset(block, 1, 64 << 20)
+huge = 0
+for line in open("/proc/self/smaps_rollup"):
+  if line.startswith("AnonHugePages:"):
+    huge = int(line.split()[1])
+print(os.environ.get("GLIBC_TUNABLES", "-"), first_pid, os.getpid(), huge)
+"""
+
+
+def _huge_page_probe(env_extra):
+  env = dict(os.environ, **env_extra)
+  env.pop("GLIBC_TUNABLES", None)
+  env.pop("PROBE_FIRST_PID", None)
+  out = subprocess.run([sys.executable, "-c", _HUGE_PAGE_PROBE, REPO], env=env,
+                       capture_output=True, text=True, check=True).stdout.split()
+  return out[0], out[1] == out[2], int(out[3])
+
+
+def test_reexec_with_huge_pages_restarts_once_with_the_tunable():
+  from ddetr_jax import host_malloc  # pylint: disable=g-import-not-at-top
+  if not host_malloc.huge_pages_available():
+    pytest.skip("this machine offers no transparent huge pages on request (or glibc < 2.35)")
+  tunables, same_pid, huge_kb = _huge_page_probe({"DDETR_JAX_KEEP_MALLOC": "",
+                                                  "DDETR_JAX_HUGE_PAGES": "1"})
+  assert tunables == host_malloc.HUGE_PAGES_TUNABLE
+  assert same_pid  # os.execv: the same process, restarted once
+  assert huge_kb >= 2048  # the block got at least one 2 MiB page
+  # Not opted in (the default): no restart, no tunable, no huge pages for the block.
+  tunables, same_pid, huge_kb = _huge_page_probe({"DDETR_JAX_HUGE_PAGES": ""})
+  assert tunables == "-" and same_pid and huge_kb == 0
+
+
+def test_huge_pages_are_not_wanted_unless_opted_in_and_not_yet_set(monkeypatch):
+  from ddetr_jax import host_malloc  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv("DDETR_JAX_KEEP_MALLOC", "")
+  for value in ("", "0", "yes"):
+    monkeypatch.setenv("DDETR_JAX_HUGE_PAGES", value)
+    assert not host_malloc.huge_pages_wanted()
+  monkeypatch.setenv("DDETR_JAX_HUGE_PAGES", "1")
+  monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
+  assert not host_malloc.huge_pages_wanted()
+  monkeypatch.delenv("GLIBC_TUNABLES")
+  monkeypatch.setenv("DDETR_JAX_KEEP_MALLOC", "1")
+  assert not host_malloc.huge_pages_wanted()
+
+
+def test_thp_mode_is_read_from_the_bracketed_word(tmp_path):
+  from ddetr_jax import host_malloc  # pylint: disable=g-import-not-at-top
+  mode = tmp_path / "enabled"
+  mode.write_text("always [madvise] never\n")
+  assert host_malloc._thp_mode(str(mode)) == "madvise"
+  mode.write_text("always madvise [never]\n")
+  assert host_malloc._thp_mode(str(mode)) == "never"
+  assert host_malloc._thp_mode(str(tmp_path / "missing")) is None
