@@ -17,11 +17,9 @@ $(STAMP): requirements.txt requirements-test.txt
 
 # Trains the embedded shapes default in runs/shapes, evaluates it, then draws predictions and
 # sampling-point pictures for a few validation images.
-# DDETR_JAX_HUGE_PAGES=1: glibc advises transparent huge pages for XLA's large buffers (the
-# shapes step measured 4-9% faster; ddetr_jax/host_malloc.py).
 demo: $(STAMP)
-	DDETR_JAX_HUGE_PAGES=1 $(PY) train.py --workdir runs/shapes
-	DDETR_JAX_HUGE_PAGES=1 $(PY) eval.py --config configs/shapes.py --checkpoint runs/shapes/checkpoints \
+	$(PY) train.py --workdir runs/shapes
+	$(PY) eval.py --config configs/shapes.py --checkpoint runs/shapes/checkpoints \
 	    --workdir runs/shapes --predict_val 4 --out runs/shapes/predictions
 
 test: $(STAMP)
