@@ -210,9 +210,9 @@ def main():
   parser.add_argument("--matcher", default="hungarian",
                       help="JAX matcher: hungarian (in-graph) or scipy (host, like HF's)")
   parser.add_argument("--malloc", default="tuned", choices=("tuned", "default"),
-                      help="tuned: ddetr_jax.host_malloc.tune() (and huge pages with DDETR_JAX_HUGE_PAGES=1) "
-                           "as train.py does; "
-                           "default: glibc's defaults (JAX and HF share the setting)")
+                      help="tuned: ddetr_jax.host_malloc.tune() (and huge pages with "
+                           "DDETR_JAX_HUGE_PAGES=1) as train.py does; default: glibc's defaults "
+                           "(JAX and HF share the setting)")
   parser.add_argument("--attention_impl", default="auto",
                       help="the JAX model's ms_deform_attn impl: auto, cpu, xla, xla_packed")
   args = parser.parse_args()

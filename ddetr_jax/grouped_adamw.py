@@ -15,7 +15,7 @@ Why not `optax.chain(masked zeroing, clip_by_global_norm, multi_transform({group
 the same arithmetic, but XLA:CPU compiled that chain into about four elementwise passes per
 leaf plus masking and per-group bookkeeping; a Deformable DETR with ResNet-50 has ~550 parameter
 leaves, most of them small, and each pass is a separately launched op. Written as one
-expression per leaf the update for the full model's 40 M parameters took 43 ms against
+expression per leaf the update for the full model's 40 M parameters took 50 ms against
 83 ms for the chain (2-core CPU, the update alone).
 """
 from typing import Any, Callable, Mapping, NamedTuple
@@ -33,6 +33,18 @@ class GroupedAdamWState(NamedTuple):
   count: jax.Array
   mu: Any
   nu: Any
+
+
+def trainable_global_norm(grads: Any, labels: Any, frozen_label: str = "frozen") -> jax.Array:
+  """float32 scalar: the L2 norm over every leaf of `grads` whose label is not `frozen_label`.
+
+  The clip in `grouped_adamw` and the train step's logged `grad_norm` both call this (one
+  definition of which gradients count; XLA computes it once in the compiled step).
+  """
+  flat_labels, treedef = jax.tree.flatten(labels)
+  flat_grads = treedef.flatten_up_to(grads)
+  return jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32)))
+                      for g, label in zip(flat_grads, flat_labels) if label != frozen_label))
 
 
 def grouped_adamw(labels: Any, learning_rates: Mapping[str, Schedule], *, b1: float, b2: float,
@@ -69,10 +81,8 @@ def grouped_adamw(labels: Any, learning_rates: Mapping[str, Schedule], *, b1: fl
     flat_params = treedef.flatten_up_to(params)
     flat_mu = treedef.flatten_up_to(state.mu)
     flat_nu = treedef.flatten_up_to(state.nu)
-    trainable = [i for i, label in enumerate(flat_labels) if label != frozen_label]
     if clip_max_norm and clip_max_norm > 0:
-      norm = jnp.sqrt(sum(jnp.sum(jnp.square(flat_grads[i].astype(jnp.float32)))
-                          for i in trainable))
+      norm = trainable_global_norm(grads, labels, frozen_label)
       scale = jnp.minimum(1.0, clip_max_norm / (norm + 1e-6))
     else:
       scale = jnp.ones((), jnp.float32)

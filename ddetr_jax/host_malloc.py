@@ -75,6 +75,11 @@ HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
 _THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
+def _kept_by_user() -> bool:
+  """DDETR_JAX_KEEP_MALLOC is set (to anything but 0): leave the allocator alone."""
+  return os.environ.get("DDETR_JAX_KEEP_MALLOC", "") not in ("", "0")
+
+
 def tune() -> bool:
   """Applies the settings above; returns True when glibc accepted all of them.
 
@@ -84,7 +89,7 @@ def tune() -> bool:
   Raises:
     ValueError: DDETR_JAX_MALLOC_ARENA_MAX is set but not a positive integer.
   """
-  if os.environ.get("DDETR_JAX_KEEP_MALLOC", "") not in ("", "0"):
+  if _kept_by_user():
     return False
   settings = [(_M_MMAP_THRESHOLD, MMAP_THRESHOLD), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD),
               (_M_TOP_PAD, TOP_PAD)]
@@ -136,7 +141,7 @@ def huge_pages_available() -> bool:
 def huge_pages_wanted() -> bool:
   """Whether `reexec_with_huge_pages` would restart this process: DDETR_JAX_HUGE_PAGES=1, no
   DDETR_JAX_KEEP_MALLOC, the tunable not already set, and `huge_pages_available()`."""
-  if os.environ.get("DDETR_JAX_KEEP_MALLOC", "") not in ("", "0"):
+  if _kept_by_user():
     return False
   if os.environ.get(HUGE_PAGES_ENV, "") != "1":
     return False

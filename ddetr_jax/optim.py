@@ -15,8 +15,9 @@ All trainable groups use AdamW(b1, b2, eps=1e-8, weight_decay) with decoupled de
 the group's (scheduled) lr, as torch.optim.AdamW. Order of operations as in the official
 loop: frozen gradients ignored -> global-norm clip over all trainable gradients
 (clip_max_norm; <= 0 disables; torch's clip_grad_norm_ formula) -> per-group AdamW; all of it
-is one transformation, `grouped_adamw.grouped_adamw` (see there why not an optax chain). The lr of every group is multiplied by 0.1
-from epoch `lr_drop` on (torch StepLR stepped once per epoch).
+is one transformation, `grouped_adamw.grouped_adamw` (see there why not an optax chain). The
+lr of every group is multiplied by 0.1 from epoch `lr_drop` on (torch StepLR stepped once per
+epoch).
 
 `config.optim.freeze_stem` (default True, the official choice for an ImageNet-pretrained
 backbone) may be set False to train the stem and first stage too: sensible only for a backbone

@@ -45,6 +45,7 @@ from jax.sharding import Mesh
 from ddetr_jax import checkpoint as checkpoint_lib
 from ddetr_jax import data as data_lib
 from ddetr_jax import evaluator
+from ddetr_jax import grouped_adamw
 from ddetr_jax import losses
 from ddetr_jax import metric_writer
 from ddetr_jax import optim
@@ -89,9 +90,8 @@ def make_train_step(model, tx: optax.GradientTransformation, loss_config: Any,
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    trainable = jax.tree.map(lambda g, label: jnp.zeros_like(g) if label == "frozen" else g,
-                             grads, optim.param_labels(grads, freeze_stem))
-    metrics = dict(terms, loss=loss, grad_norm=optax.global_norm(trainable),
+    grad_norm = grouped_adamw.trainable_global_norm(grads, optim.param_labels(grads, freeze_stem))
+    metrics = dict(terms, loss=loss, grad_norm=grad_norm,
                    num_boxes=batch["box_mask"].sum())
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
