@@ -2,6 +2,7 @@
 
   python benchmarks/train_step.py [--configs tiny,full] [--batch 2] [--size 256] [--steps 5]
                                  [--malloc tuned|default] [--attention_impl auto]
+                                 [--dtype float32|bfloat16]
 
 For each config: JAX compile time of the train step (trainer.make_train_step, 1-device mesh) and
 seconds per step after compilation, and HF `DeformableDetrForObjectDetection` (randomly
@@ -15,7 +16,11 @@ formulation). Also times the backbone alone (forward + backward of stages 2-4) i
 frameworks, since at the tiny size it is most of the step, and the work per step: XLA's cost
 analysis of the compiled JAX step (all arithmetic) and torch's FlopCounterMode over one HF step
 (matmuls and convolutions, forward + backward), each as a share of that framework's 2048^3
-float32 matmul speed measured in the same run. Prints a table and one JSON line per config.
+matmul speed measured in the same run. `--dtype bfloat16` runs both in mixed precision: the JAX
+model with `config.model.dtype = "bfloat16"` (bf16 matmul operands, float32 accumulation, float32
+params and optimizer), HF's forward under `torch.autocast("cpu", torch.bfloat16)` (its standard
+mixed precision: float32 params, bf16 matmuls and convolutions), and the matmul speeds are then
+bf16 x bf16 with float32 accumulation. Prints a table and one JSON line per config.
 """
 import argparse
 import json
@@ -81,6 +86,15 @@ def bench_jax(config, batch: dict, steps: int) -> dict:
           "loss": float(metrics["loss"]), "gflop": float(cost.get("flops", float("nan"))) / 1e9}
 
 
+def _autocast(dtype: str):
+  """torch's CPU mixed precision for a bfloat16 run, nothing for float32."""
+  import contextlib  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  if dtype == "float32":
+    return contextlib.nullcontext()
+  return torch.autocast("cpu", dtype=getattr(torch, dtype))
+
+
 def bench_hf(config, batch: dict, steps: int) -> dict:
   import torch  # pylint: disable=g-import-not-at-top
   from transformers import (DeformableDetrConfig, DeformableDetrForObjectDetection,  # pylint: disable=g-import-not-at-top
@@ -120,7 +134,8 @@ def bench_hf(config, batch: dict, steps: int) -> dict:
 
   def step():
     optimizer.zero_grad()
-    loss = model(pixel_values=pixel_values, pixel_mask=pixel_mask, labels=labels).loss
+    with _autocast(config.model.dtype):
+      loss = model(pixel_values=pixel_values, pixel_mask=pixel_mask, labels=labels).loss
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.clip_max_norm)
     optimizer.step()
@@ -137,16 +152,17 @@ def bench_hf(config, batch: dict, steps: int) -> dict:
   return {"step_s": step_s, "loss": loss, "gflop": counter.get_total_flops() / 1e9}
 
 
-def matmul_peaks(size: int = 2048, repeats: int = 10) -> tuple[float, float]:
-  """GFLOP/s of a [size, size] @ [size, size] float32 matmul in XLA and in torch."""
+def matmul_peaks(dtype: str = "float32", size: int = 2048, repeats: int = 10) -> tuple[float, float]:
+  """GFLOP/s of a [size, size] @ [size, size] matmul in XLA and in torch, operands in `dtype`
+  (bf16: float32 accumulation, as the model's matmuls)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   flop = 2 * size ** 3 / 1e9
-  a = jnp.ones((size, size), jnp.float32)
-  matmul = jax.jit(jnp.matmul)
+  a = jnp.ones((size, size), dtype)
+  matmul = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
   jax_s = _median_seconds(lambda: jax.block_until_ready(matmul(a, a)), repeats)
-  t = torch.ones(size, size)
+  t = torch.ones(size, size, dtype=getattr(torch, dtype))
   torch_s = _median_seconds(lambda: t @ t, repeats)
   return flop / jax_s, flop / torch_s
 
@@ -166,14 +182,15 @@ def bench_jax_backbone(config, batch: dict, steps: int) -> float:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from ddetr_jax.models.backbone import ResNet  # pylint: disable=g-import-not-at-top
-  net = ResNet(depth=config.model.backbone_depth)
+  net = ResNet(depth=config.model.backbone_depth, dtype=jnp.dtype(config.model.dtype))
   images = jnp.asarray(batch["images"])
   params = net.init(jax.random.PRNGKey(0), images)["params"]
   trainable = {k: v for k, v in params.items() if k.startswith(("layer2", "layer3", "layer4"))}
   frozen = {k: v for k, v in params.items() if k not in trainable}
 
   def loss(train_params, frozen_params, x):
-    return sum(jnp.sum(f ** 2) for f in net.apply({"params": {**frozen_params, **train_params}}, x))
+    features = net.apply({"params": {**frozen_params, **train_params}}, x)
+    return sum(jnp.sum(f.astype(jnp.float32) ** 2) for f in features)
 
   # Everything is an argument (nothing for XLA to constant-fold, e.g. the frozen stem).
   grad = jax.jit(jax.grad(loss))
@@ -195,7 +212,9 @@ def bench_hf_backbone(config, batch: dict, steps: int) -> float:
 
   def step():
     net.zero_grad()
-    sum((f ** 2).sum() for f in net(images).feature_maps).backward()
+    with _autocast(config.model.dtype):
+      features = net(images).feature_maps
+    sum((f.float() ** 2).sum() for f in features).backward()
 
   return _median_seconds(step, steps)
 
@@ -213,6 +232,9 @@ def main():
                       help="tuned: ddetr_jax.host_malloc.tune() (and huge pages with "
                            "DDETR_JAX_HUGE_PAGES=1) as train.py does; default: glibc's defaults "
                            "(JAX and HF share the setting)")
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                      help="compute dtype of both frameworks (bfloat16: JAX model.dtype, HF "
+                           "under torch.autocast; params and optimizer stay float32)")
   parser.add_argument("--attention_impl", default="auto",
                       help="the JAX model's ms_deform_attn impl: auto, cpu, xla, xla_packed")
   args = parser.parse_args()
@@ -230,11 +252,11 @@ def main():
     impl = ms_deform_attn.resolve_auto_impl()
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}; torch {torch.__version__} "
         f"with {torch.get_num_threads()} threads; batch {args.batch}, {args.size}x{args.size} px, "
-        f"{args.steps} timed steps; JAX matcher {args.matcher}, sampler impl {impl!r}; glibc malloc "
+        f"{args.steps} timed steps; compute dtype {args.dtype}; JAX matcher {args.matcher}, sampler impl {impl!r}; glibc malloc "
         f"{'tuned (ddetr_jax.host_malloc)' if malloc_tuned else 'left at its defaults'}"
         f"{', transparent huge pages (glibc.malloc.hugetlb=1)' if huge_pages else ''}")
-  jax_peak, torch_peak = matmul_peaks()
-  print(f"2048^3 float32 matmul: XLA {jax_peak:.0f} GFLOP/s, torch {torch_peak:.0f} GFLOP/s")
+  jax_peak, torch_peak = matmul_peaks(args.dtype)
+  print(f"2048^3 {args.dtype} matmul: XLA {jax_peak:.0f} GFLOP/s, torch {torch_peak:.0f} GFLOP/s")
   print(f"{'config':8s} {'jax compile s':>14s} {'jax s/step':>11s} {'hf s/step':>10s} "
         f"{'jax/hf':>7s} {'jax backbone s':>15s} {'hf backbone s':>14s} {'jax GFLOP':>10s} "
         f"{'hf GFLOP':>9s} {'jax % peak':>10s} {'hf % peak':>9s}")
@@ -243,6 +265,7 @@ def main():
     config = _config(name)
     config.loss.matcher = args.matcher
     config.model.attention_impl = impl
+    config.model.dtype = args.dtype
     batch = _batch(args.batch, args.size, config.model.num_classes)
     jax_result = bench_jax(config, batch, args.steps)
     jax_result["backbone_s"] = bench_jax_backbone(config, batch, args.steps)
@@ -258,7 +281,8 @@ def main():
           f"{hf_result['step_s'] if hf_result else nan:10.3f} {ratio:7.2f} "
           f"{jax_result['backbone_s']:15.3f} {hf_result['backbone_s'] if hf_result else nan:14.3f} "
           f"{jax_result['gflop']:10.1f} {hf_gflop:9.1f} {jax_pct:10.0f} {hf_pct:9.0f}")
-    print(json.dumps({"config": name, "attention_impl": impl, "batch": args.batch,
+    print(json.dumps({"config": name, "attention_impl": impl, "dtype": args.dtype,
+                      "batch": args.batch,
                       "size": args.size, "jax": jax_result, "hf": hf_result,
                       "jax_over_hf": ratio, "matmul_gflops": {"xla": jax_peak,
                                                              "torch": torch_peak}}))

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from ddetr_jax.models import initializers
+from ddetr_jax.models.matmul import matmul
 
 IMPLS = ("auto", "xla", "matmul")
 
@@ -55,7 +56,7 @@ def patches(x: jax.Array, kernel: int, stride: int, padding: int, dilation: int)
 
 
 def use_matmul(impl: str, input_shape: tuple[int, ...], kernel: int, stride: int, padding: int,
-               dilation: int, features: int) -> bool:
+               dilation: int, features: int, dtype: Any = jnp.float32) -> bool:
   """Whether `Conv` computes by im2col + matmul: "matmul", or "auto" on the CPU when the patch
   matrix [B*H_out*W_out, k*k*C_in] is no larger than the kernel [k*k*C_in, features]."""
   if impl not in IMPLS:
@@ -92,18 +93,19 @@ class Conv(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     k = self.kernel_size
     kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features),
-                        jnp.float32).astype(self.dtype)
-    x = x.astype(self.dtype)
-    if use_matmul(self.impl, x.shape, k, self.stride, self.padding, self.dilation, self.features):
-      cols = patches(x, k, self.stride, self.padding, self.dilation)
+                        jnp.float32)
+    bias = (self.param("bias", self.bias_init, (self.features,), jnp.float32)
+            if self.use_bias else None)
+    dtype = jnp.dtype(self.dtype)
+    if use_matmul(self.impl, x.shape, k, self.stride, self.padding, self.dilation, self.features,
+                  dtype):
+      cols = patches(x.astype(dtype), k, self.stride, self.padding, self.dilation)
       b, ho, wo, depth = cols.shape
-      out = jnp.dot(cols.reshape(b * ho * wo, depth), kernel.reshape(depth, self.features))
-      out = out.reshape(b, ho, wo, self.features)
-    else:
-      pad = (self.padding, self.padding)
-      out = lax.conv_general_dilated(x, kernel, (self.stride, self.stride), (pad, pad),
-                                     rhs_dilation=(self.dilation, self.dilation),
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    if self.use_bias:
-      out = out + self.param("bias", self.bias_init, (self.features,), jnp.float32).astype(self.dtype)
-    return out
+      out = matmul(cols.reshape(b * ho * wo, depth), kernel.reshape(depth, self.features),
+                   bias, dtype)
+      return out.reshape(b, ho, wo, self.features)
+    pad = (self.padding, self.padding)
+    out = lax.conv_general_dilated(x.astype(dtype), kernel.astype(dtype), (self.stride, self.stride),
+                                   (pad, pad), rhs_dilation=(self.dilation, self.dilation),
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return out if bias is None else out + bias.astype(dtype)

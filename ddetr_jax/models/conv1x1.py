@@ -17,13 +17,14 @@ import jax
 import jax.numpy as jnp
 
 from ddetr_jax.models import initializers
+from ddetr_jax.models.matmul import matmul
 
 
 class Conv1x1(nn.Module):
   """x: [B, H, W, C_in] -> [B, ceil(H / stride), ceil(W / stride), features].
 
   Stride s keeps every s-th row and column from the first, as a 1x1 conv with stride s and no
-  padding does. Parameters are float32; the matmul runs in `dtype`.
+  padding does. Parameters are float32; the matmul runs in `dtype` (`models.matmul`).
   """
   features: int
   stride: int = 1
@@ -41,8 +42,7 @@ class Conv1x1(nn.Module):
     # A 2-D matmul: with the 4-D einsum, XLA:CPU computed the kernel gradient (a contraction over
     # b, h, w) from a transposed copy of the output gradient, fused with its producer (slow).
     b, h, w, c = x.shape
-    out = jnp.dot(x.reshape(b * h * w, c).astype(self.dtype), kernel[0, 0].astype(self.dtype))
-    out = out.reshape(b, h, w, self.features)
-    if self.use_bias:
-      out = out + self.param("bias", self.bias_init, (self.features,), jnp.float32).astype(self.dtype)
-    return out
+    bias = (self.param("bias", self.bias_init, (self.features,), jnp.float32)
+            if self.use_bias else None)
+    out = matmul(x.reshape(b * h * w, c), kernel[0, 0], bias, self.dtype)
+    return out.reshape(b, h, w, self.features)
