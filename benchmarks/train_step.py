@@ -152,7 +152,8 @@ def bench_hf(config, batch: dict, steps: int) -> dict:
   return {"step_s": step_s, "loss": loss, "gflop": counter.get_total_flops() / 1e9}
 
 
-def matmul_peaks(dtype: str = "float32", size: int = 2048, repeats: int = 10) -> tuple[float, float]:
+def matmul_peaks(dtype: str = "float32", size: int = 2048,
+                 repeats: int = 10) -> tuple[float, float]:
   """GFLOP/s of a [size, size] @ [size, size] matmul in XLA and in torch, operands in `dtype`
   (bf16: float32 accumulation, as the model's matmuls)."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -252,7 +253,8 @@ def main():
     impl = ms_deform_attn.resolve_auto_impl()
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}; torch {torch.__version__} "
         f"with {torch.get_num_threads()} threads; batch {args.batch}, {args.size}x{args.size} px, "
-        f"{args.steps} timed steps; compute dtype {args.dtype}; JAX matcher {args.matcher}, sampler impl {impl!r}; glibc malloc "
+        f"{args.steps} timed steps; compute dtype {args.dtype}; JAX matcher {args.matcher}, "
+        f"sampler impl {impl!r}; glibc malloc "
         f"{'tuned (ddetr_jax.host_malloc)' if malloc_tuned else 'left at its defaults'}"
         f"{', transparent huge pages (glibc.malloc.hugetlb=1)' if huge_pages else ''}")
   jax_peak, torch_peak = matmul_peaks(args.dtype)

@@ -88,3 +88,32 @@ def test_patches_order_matches_the_hwio_kernel():
   cols = conv_lib.patches(x, 3, 1, 0, 1)  # one output position, the whole image
   np.testing.assert_array_equal(cols[0, 0, 0], x[0].reshape(-1))
   assert conv_lib.output_size(9, 3, 2, 1, 1) == 5 and conv_lib.output_size(10, 3, 1, 2, 2) == 10
+
+
+@pytest.mark.parametrize("impl", ["xla", "matmul"])
+def test_bfloat16_conv_is_close_to_torch_on_the_rounded_operands(impl):
+  """bf16 compute: outputs within bf16 rounding of torch's float64 conv of the bf16-rounded input
+  and kernel; the im2col path (`models.matmul`) also keeps a float32-accurate kernel gradient."""
+  shape, features, k, stride, padding, dilation = CASES[1]
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.normal(size=shape), jnp.float32).astype(jnp.bfloat16)
+  module = Conv(features, k, stride, padding=padding, dilation=dilation, use_bias=True,
+                dtype=jnp.bfloat16, impl=impl)
+  params = module.init(jax.random.PRNGKey(0), x)
+  params = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+  out = module.apply(params, x)
+  assert out.dtype == jnp.bfloat16
+  dy = jnp.asarray(rng.normal(size=out.shape), jnp.float32).astype(jnp.bfloat16)
+  grads = jax.grad(lambda p: jnp.sum(module.apply(p, x).astype(jnp.float32) * dy))(params)
+  kernel = params["params"]["kernel"].astype(jnp.bfloat16).astype(jnp.float32)
+  want_out, _, want_dw, want_db = _torch_reference(
+      x.astype(jnp.float32), kernel, params["params"]["bias"], stride, padding, dilation,
+      dy.astype(jnp.float32))
+  np.testing.assert_allclose(np.asarray(out, np.float32), want_out, rtol=2.0 ** -7, atol=2e-2)
+  dw = grads["params"]["kernel"]
+  assert dw.dtype == jnp.float32
+  if impl == "matmul":  # never rounded to bf16
+    np.testing.assert_allclose(dw, want_dw, rtol=1e-5, atol=1e-4)
+  else:
+    np.testing.assert_allclose(dw, want_dw, rtol=2.0 ** -7, atol=5e-2)
+  np.testing.assert_allclose(grads["params"]["bias"], want_db, rtol=1e-5, atol=1e-4)

@@ -68,8 +68,8 @@ def test_bfloat16_every_dot_takes_bf16_operands_and_returns_float32():
   dots = [line for line in text.splitlines() if "dot_general" in line]
   assert len(dots) == 3  # forward, input gradient, kernel gradient
   for line in dots:
-    signature = line.split(":")[-1]
-    assert signature.count("bf16") == 2 and "-> tensor<" in signature and "xf32>" in signature.split("->")[1], line
+    operands, result = line.split(":")[-1].split("->")
+    assert operands.count("bf16") == 2 and result.strip().endswith("xf32>"), line
 
 
 def test_compute_dtype_must_be_float32_or_16_bit():

@@ -56,7 +56,7 @@ def patches(x: jax.Array, kernel: int, stride: int, padding: int, dilation: int)
 
 
 def use_matmul(impl: str, input_shape: tuple[int, ...], kernel: int, stride: int, padding: int,
-               dilation: int, features: int, dtype: Any = jnp.float32) -> bool:
+               dilation: int, features: int) -> bool:
   """Whether `Conv` computes by im2col + matmul: "matmul", or "auto" on the CPU when the patch
   matrix [B*H_out*W_out, k*k*C_in] is no larger than the kernel [k*k*C_in, features]."""
   if impl not in IMPLS:
@@ -75,7 +75,8 @@ class Conv(nn.Module):
   """x: [B, H, W, C_in] -> [B, H_out, W_out, features], H_out = (H + 2p - d(k-1) - 1) // s + 1.
 
   Square kernel k, stride s, symmetric zero padding p, dilation d. Parameters are float32; the
-  arithmetic runs in `dtype`. impl: "auto" (see `use_matmul`), "xla" (lax convolution) or
+  operands are rounded to `dtype`, products accumulate in float32 (`preferred_element_type` of
+  the convolution, or `models.matmul`), the bias is added in float32 and the result rounded once. impl: "auto" (see `use_matmul`), "xla" (lax convolution) or
   "matmul" (im2col); all compute the same convolution up to float rounding.
   """
   features: int
@@ -97,15 +98,16 @@ class Conv(nn.Module):
     bias = (self.param("bias", self.bias_init, (self.features,), jnp.float32)
             if self.use_bias else None)
     dtype = jnp.dtype(self.dtype)
-    if use_matmul(self.impl, x.shape, k, self.stride, self.padding, self.dilation, self.features,
-                  dtype):
+    if use_matmul(self.impl, x.shape, k, self.stride, self.padding, self.dilation, self.features):
       cols = patches(x.astype(dtype), k, self.stride, self.padding, self.dilation)
       b, ho, wo, depth = cols.shape
       out = matmul(cols.reshape(b * ho * wo, depth), kernel.reshape(depth, self.features),
                    bias, dtype)
       return out.reshape(b, ho, wo, self.features)
     pad = (self.padding, self.padding)
-    out = lax.conv_general_dilated(x.astype(dtype), kernel.astype(dtype), (self.stride, self.stride),
-                                   (pad, pad), rhs_dilation=(self.dilation, self.dilation),
-                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    return out if bias is None else out + bias.astype(dtype)
+    out = lax.conv_general_dilated(x.astype(dtype), kernel.astype(dtype),
+                                   (self.stride, self.stride), (pad, pad),
+                                   rhs_dilation=(self.dilation, self.dilation),
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                   preferred_element_type=jnp.float32)
+    return (out if bias is None else out + bias).astype(dtype)

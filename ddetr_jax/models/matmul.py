@@ -1,4 +1,4 @@
-"""The model's matmul: `x [M, K] @ kernel [K, N] (+ bias [N])` in a compute dtype, float32 accumulation.
+"""The model's matmul: `x [M, K] @ kernel [K, N] (+ bias [N])`, operands in a compute dtype.
 
 Every dense layer and every convolution computed as a matmul (`Dense`, `Conv1x1`, `Conv`'s
 im2col path) goes through `matmul`.
@@ -30,7 +30,7 @@ _TN = (((0,), (0,)), ((), ()))  # a [M, K] . b [M, N] -> [K, N]
 
 @jax.custom_vjp
 def _dot_f32_acc(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """x [M, K] in a 16-bit dtype, kernel [K, N] float32 -> [M, N] float32 (kernel rounded to x's dtype)."""
+  """x [M, K] 16-bit, kernel [K, N] float32 -> [M, N] float32 (kernel rounded to x's dtype)."""
   return lax.dot(x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
 
 
