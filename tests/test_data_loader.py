@@ -108,7 +108,7 @@ def test_global_arrays_on_a_mesh(cache_dir):
   for key in batching.HOST_KEYS:
     assert isinstance(batch[key], np.ndarray)
   config.train.global_batch_size = 4
-  with pytest.raises(ValueError, match=r"global_batch_size=4 .* 'data' axis size 8"):
+  with pytest.raises(ValueError, match=r"global_batch_size=4 .*number of devices 8"):
     data.make_train_iterator(config, mesh=mesh)
 
 

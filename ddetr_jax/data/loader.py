@@ -26,6 +26,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ddetr_jax import errors
+from ddetr_jax import sharding
 from ddetr_jax.data import batching
 from ddetr_jax.data import sources
 from ddetr_jax.data import transforms
@@ -125,12 +126,6 @@ def _local_batch_size(global_batch_size: int, what: str) -> int:
   return global_batch_size // count
 
 
-def _check_mesh(mesh: Mesh | None, global_batch_size: int, what: str):
-  if mesh is not None and global_batch_size % mesh.shape["data"]:
-    raise errors.InvalidInputError(f"{what}={global_batch_size} is not divisible by the mesh's "
-                                   f"'data' axis size {mesh.shape['data']}")
-
-
 class _Globalize:
   """Turns a numpy batch into global jax arrays on `mesh` (device keys only).
 
@@ -217,7 +212,8 @@ def make_train_iterator(config, mesh: Mesh | None = None,
   source = sources.build_source(data, "train", num_classes=_num_classes(config))
   global_batch = int(config.train.global_batch_size)
   local_batch = _local_batch_size(global_batch, "train.global_batch_size")
-  _check_mesh(mesh, global_batch, "train.global_batch_size")
+  if mesh is not None:
+    sharding.check_batch_divisible(global_batch, mesh, "train.global_batch_size")
   if len(source) == 0:
     raise errors.InvalidInputError("the training split is empty")
   seed = int(data.seed)
@@ -278,7 +274,8 @@ class EvalBatches:
     self.num_records = len(self.source)
     global_batch = int(config.eval.batch_size)
     local_batch = _local_batch_size(global_batch, "eval.batch_size")
-    _check_mesh(mesh, global_batch, "eval.batch_size")
+    if mesh is not None:
+      sharding.check_batch_divisible(global_batch, mesh, "eval.batch_size")
     per_process = math.ceil(self.num_records / jax.process_count())
     self._num_batches = max(1, math.ceil(per_process / local_batch))
     ds = grain.MapDataset.range(self._num_batches * local_batch)
