@@ -10,9 +10,10 @@ initialised, HF ResNet backbone of the same depth, no download) forward with lab
 Hungarian matcher) + backward + torch.optim.AdamW step, on the same batch size, image size and
 targets, training the same parameters (backbone stages 2-4 and everything after it). `full` is
 configs/deformable_detr.py:default (ResNet-50, 6+6 layers, 300 queries); `tiny` is
-configs/tiny.py. The JAX model's sampler is `--attention_impl` (default "auto": the C++ kernel on
-the CPU, as configs/shapes.py uses; HF's model on the CPU runs its PyTorch grid_sample
-formulation). Also times the backbone alone (forward + backward of stages 2-4) in both
+configs/tiny.py. JAX's CPU dispatch is synchronous as in train.py (`ddetr_jax.cpu_dispatch`;
+DDETR_JAX_ASYNC_DISPATCH=1 keeps JAX's asynchronous default). The JAX model's sampler is
+`--attention_impl` (default "auto": the C++ kernel on the CPU, as configs/shapes.py uses; HF's
+model on the CPU runs its PyTorch grid_sample formulation). Also times the backbone alone (forward + backward of stages 2-4) in both
 frameworks, since at the tiny size it is most of the step, and the work per step: XLA's cost
 analysis of the compiled JAX step (all arithmetic) and torch's FlopCounterMode over one HF step
 (matmuls and convolutions, forward + backward), each as a share of that framework's 2048^3
@@ -239,11 +240,13 @@ def main():
   parser.add_argument("--attention_impl", default="auto",
                       help="the JAX model's ms_deform_attn impl: auto, cpu, xla, xla_packed")
   args = parser.parse_args()
-  from ddetr_jax import host_malloc  # pylint: disable=g-import-not-at-top
+  from ddetr_jax import cpu_dispatch, host_malloc  # pylint: disable=g-import-not-at-top
   # JAX and HF run in this process, so both always see the same allocator.
   if args.malloc == "tuned":
     host_malloc.reexec_with_huge_pages()  # with DDETR_JAX_HUGE_PAGES=1: restarts with THP
   malloc_tuned = args.malloc == "tuned" and host_malloc.tune()
+  # As train.py: synchronous CPU dispatch unless DDETR_JAX_ASYNC_DISPATCH=1 (torch unaffected).
+  sync_dispatch = cpu_dispatch.use_synchronous_cpu_dispatch()
   huge_pages = host_malloc.HUGE_PAGES_TUNABLE in os.environ.get("GLIBC_TUNABLES", "")
   import jax  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
@@ -254,7 +257,8 @@ def main():
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}; torch {torch.__version__} "
         f"with {torch.get_num_threads()} threads; batch {args.batch}, {args.size}x{args.size} px, "
         f"{args.steps} timed steps; compute dtype {args.dtype}; JAX matcher {args.matcher}, "
-        f"sampler impl {impl!r}; glibc malloc "
+        f"sampler impl {impl!r}; JAX CPU dispatch {'sync' if sync_dispatch else 'async'}; "
+        f"glibc malloc "
         f"{'tuned (ddetr_jax.host_malloc)' if malloc_tuned else 'left at its defaults'}"
         f"{', transparent huge pages (glibc.malloc.hugetlb=1)' if huge_pages else ''}")
   jax_peak, torch_peak = matmul_peaks(args.dtype)

@@ -22,6 +22,7 @@ from absl import logging
 from ml_collections import config_dict
 from ml_collections.config_flags import config_flags as ml_config_flags
 
+from ddetr_jax import cpu_dispatch
 from ddetr_jax import errors
 from ddetr_jax import host_malloc
 
@@ -98,9 +99,11 @@ def run(main: Callable[[list[str]], None]) -> None:
   """`app.run(main)`, quiet unless --verbosity is given, printing user errors as one line.
 
   First restarts the process with transparent huge pages for glibc's large blocks where that
-  applies (`host_malloc.reexec_with_huge_pages`, opt-in: DDETR_JAX_HUGE_PAGES=1).
+  applies (`host_malloc.reexec_with_huge_pages`, opt-in: DDETR_JAX_HUGE_PAGES=1), then makes
+  CPU dispatch synchronous (`cpu_dispatch`; DDETR_JAX_ASYNC_DISPATCH=1 keeps JAX's default).
   """
   host_malloc.reexec_with_huge_pages()
+  cpu_dispatch.use_synchronous_cpu_dispatch()
 
   def main_printing_user_errors(argv):
     if not flags.FLAGS["verbosity"].present:
