@@ -6,7 +6,10 @@ tests (test_trainer.py, test_multiprocess.py); also defines the small config the
 
 --pause_at K: the K-th request for a training batch (1-based) prints PAUSED and waits until
 --go_file exists (the test signals the process meanwhile). The persistent XLA compilation cache
-(`CACHE_DIR`) is shared with the in-process tests, so identical programs compile once.
+(`CACHE_DIR`) is shared with the in-process tests, so identical programs compile once. Like
+`train.py`, the worker dispatches synchronously on the CPU (`ddetr_jax.cpu_dispatch`), so the
+multi-process and resume tests run the entry points' dispatch mode (the in-process reference
+runs JAX's asynchronous default: the results must not depend on it).
 """
 import argparse
 import json
@@ -111,6 +114,8 @@ def main():
   args = parser.parse_args()
 
   import jax  # pylint: disable=g-import-not-at-top
+  from ddetr_jax import cpu_dispatch  # pylint: disable=g-import-not-at-top
+  cpu_dispatch.use_synchronous_cpu_dispatch()  # as train.py (cli.run) does
   if args.coordinator:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(args.coordinator, num_processes=args.num_processes,
