@@ -1,5 +1,4 @@
 """bfloat16 compute stays close to float32 on the same (HF-converted) weights."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 
