@@ -13,8 +13,9 @@ configs/deformable_detr.py:default (ResNet-50, 6+6 layers, 300 queries); `tiny` 
 configs/tiny.py. JAX's CPU dispatch is synchronous as in train.py (`ddetr_jax.cpu_dispatch`;
 DDETR_JAX_ASYNC_DISPATCH=1 keeps JAX's asynchronous default). The JAX model's sampler is
 `--attention_impl` (default "auto": the C++ kernel on the CPU, as configs/shapes.py uses; HF's
-model on the CPU runs its PyTorch grid_sample formulation). Also times the backbone alone (forward + backward of stages 2-4) in both
-frameworks, since at the tiny size it is most of the step, and the work per step: XLA's cost
+model on the CPU runs its PyTorch grid_sample formulation). Also times the backbone alone
+(forward + backward of stages 2-4) in both frameworks, since at the tiny size it is most of the
+step, and the work per step: XLA's cost
 analysis of the compiled JAX step (all arithmetic) and torch's FlopCounterMode over one HF step
 (matmuls and convolutions, forward + backward), each as a share of that framework's 2048^3
 matmul speed measured in the same run. `--dtype bfloat16` runs both in mixed precision: the JAX

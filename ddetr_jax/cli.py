@@ -6,9 +6,10 @@
       `error: --config.a.b: config.a has no field 'b'; did you mean --config.a.c?` and exits
       with status 2, where ml_collections would end a traceback with a garbled AttributeError.
   run(main)  absl's `app.run(main)`, after restarting with transparent huge pages where they
-      apply (`host_malloc.reexec_with_huge_pages`), with two changes: absl and orbax log at
-      WARNING (orbax logs every checkpoint save and restore at INFO) unless --verbosity is given
-      (`--verbosity=0` shows them); and an `errors.UserError` is printed as `error: <message>` on stderr with exit
+      apply (`host_malloc.reexec_with_huge_pages`) and making CPU dispatch synchronous
+      (`cpu_dispatch`), with two changes: absl and orbax log at WARNING (orbax logs every
+      checkpoint save and restore at INFO) unless --verbosity is given (`--verbosity=0` shows
+      them); and an `errors.UserError` is printed as `error: <message>` on stderr with exit
       status 2 and no traceback. Any other exception keeps its traceback.
 """
 import difflib

@@ -76,8 +76,9 @@ class Conv(nn.Module):
 
   Square kernel k, stride s, symmetric zero padding p, dilation d. Parameters are float32; the
   operands are rounded to `dtype`, products accumulate in float32 (`preferred_element_type` of
-  the convolution, or `models.matmul`), the bias is added in float32 and the result rounded once. impl: "auto" (see `use_matmul`), "xla" (lax convolution) or
-  "matmul" (im2col); all compute the same convolution up to float rounding.
+  the convolution, or `models.matmul`), the bias is added in float32 and the result rounded
+  once. impl: "auto" (see `use_matmul`), "xla" (lax convolution) or "matmul" (im2col); all
+  compute the same convolution up to float rounding.
   """
   features: int
   kernel_size: int
@@ -98,14 +99,15 @@ class Conv(nn.Module):
     bias = (self.param("bias", self.bias_init, (self.features,), jnp.float32)
             if self.use_bias else None)
     dtype = jnp.dtype(self.dtype)
+    x = x.astype(dtype)
     if use_matmul(self.impl, x.shape, k, self.stride, self.padding, self.dilation, self.features):
-      cols = patches(x.astype(dtype), k, self.stride, self.padding, self.dilation)
+      cols = patches(x, k, self.stride, self.padding, self.dilation)
       b, ho, wo, depth = cols.shape
       out = matmul(cols.reshape(b * ho * wo, depth), kernel.reshape(depth, self.features),
                    bias, dtype)
       return out.reshape(b, ho, wo, self.features)
     pad = (self.padding, self.padding)
-    out = lax.conv_general_dilated(x.astype(dtype), kernel.astype(dtype),
+    out = lax.conv_general_dilated(x, kernel.astype(dtype),
                                    (self.stride, self.stride), (pad, pad),
                                    rhs_dilation=(self.dilation, self.dilation),
                                    dimension_numbers=("NHWC", "HWIO", "NHWC"),
