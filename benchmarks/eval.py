@@ -5,8 +5,11 @@ Both sides run the whole inference of a randomly initialised model of the chosen
 800, longer side at the 1333 cap: the largest official val size), followed by the official
 post-processing (top-100 over queries x classes, xyxy in original pixels): ours is
 `postprocess` inside the same jit as the forward; HF's is `DeformableDetrForObjectDetection`
-+ `post_process_object_detection`. Same CPU threads for both; times are medians after a warm-up
-(which includes JAX's compilation, reported separately). Not part of the test suite.
++ `post_process_object_detection`. Same CPU threads for both; both share the process's glibc
+malloc, tuned as eval.py tunes it (`ddetr_jax.host_malloc.tune`), and JAX's CPU dispatch is
+synchronous as in eval.py (`ddetr_jax.cpu_dispatch`; DDETR_JAX_ASYNC_DISPATCH=1 keeps JAX's
+asynchronous default). Times are medians after a warm-up (which includes JAX's compilation,
+reported separately). Not part of the test suite.
 
   python benchmarks/eval.py [--variant default] [--batch 1] [--repeats 3] [--height 800 --width 1333]
 """
@@ -30,6 +33,7 @@ from transformers.models.deformable_detr.image_processing_pil_deformable_detr im
     DeformableDetrImageProcessorPil)
 
 from configs import deformable_detr  # noqa: E402
+from ddetr_jax import cpu_dispatch, host_malloc  # noqa: E402
 from ddetr_jax.models import build_model  # noqa: E402
 from ddetr_jax.postprocess import postprocess  # noqa: E402
 from tests.test_model_hf_reference import build_hf_model  # noqa: E402
@@ -57,6 +61,8 @@ def main():
   parser.add_argument("--width", type=int, default=1333)
   parser.add_argument("--skip_hf", action="store_true")
   args = parser.parse_args()
+  malloc_tuned = host_malloc.tune()  # as eval.py: before JAX allocates
+  sync_dispatch = cpu_dispatch.use_synchronous_cpu_dispatch()  # as eval.py, before JAX's client
 
   config = deformable_detr.get_config(args.variant)
   config.model.dropout = 0.0
@@ -69,7 +75,9 @@ def main():
   threads = torch.get_num_threads()
   print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads "
         f"{threads}, jax {jax.__version__} on {jax.devices()[0].platform}; variant "
-        f"{args.variant}, batch {b}, {h}x{w}")
+        f"{args.variant}, batch {b}, {h}x{w}; JAX CPU dispatch "
+        f"{'sync' if sync_dispatch else 'async'}; glibc malloc "
+        f"{'tuned' if malloc_tuned else 'left at its defaults'}")
 
   model = build_model(config)
   t0 = time.perf_counter()

@@ -1,7 +1,10 @@
 """Full Deformable DETR forward: JAX (jit) vs HuggingFace transformers (eager PyTorch) on CPU.
 
 Each (framework, batch) runs in its own subprocess so that peak resident memory (ru_maxrss) is
-measured per framework. Weights are random (speed does not depend on them).
+measured per framework. Weights are random (speed does not depend on them). Both workers
+tune glibc malloc as eval.py does (`ddetr_jax.host_malloc.tune`; `--malloc default` leaves both
+at glibc's defaults), and JAX's CPU dispatch is synchronous as in eval.py (`ddetr_jax.cpu_dispatch`;
+DDETR_JAX_ASYNC_DISPATCH=1 keeps JAX's asynchronous default).
 
   python benchmarks/model.py                       # 800x1066, batch 1 and 2, default variant
   python benchmarks/model.py --repeats 3 --batch 1
@@ -26,10 +29,13 @@ def _images(batch: int, height: int, width: int):
 
 
 def _run_jax(args) -> dict:
+  sys.path.insert(0, ROOT)
+  from ddetr_jax import cpu_dispatch, host_malloc
+  malloc_tuned = args.malloc == "tuned" and host_malloc.tune()  # as eval.py: before JAX allocates
+  sync_dispatch = cpu_dispatch.use_synchronous_cpu_dispatch()  # as eval.py (cli.run)
   import jax
   import jax.numpy as jnp
   import numpy as np
-  sys.path.insert(0, ROOT)
   from configs import deformable_detr
   from ddetr_jax.models import build_model
   config = deformable_detr.get_config(args.variant)
@@ -50,10 +56,17 @@ def _run_jax(args) -> dict:
     start = time.perf_counter()
     jax.block_until_ready(compiled(params, images, mask))
     times.append(time.perf_counter() - start)
-  return {"median_s": statistics.median(times), "compile_s": compile_s}
+  return {"median_s": statistics.median(times), "compile_s": compile_s,
+          "setup": f"dispatch {'sync' if sync_dispatch else 'async'}, "
+                   f"malloc {'tuned' if malloc_tuned else 'glibc default'}"}
 
 
 def _run_hf(args) -> dict:
+  malloc_tuned = False
+  if args.malloc == "tuned":
+    sys.path.insert(0, ROOT)
+    from ddetr_jax import host_malloc
+    malloc_tuned = host_malloc.tune()
   import torch
   from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection, ResNetConfig
   torch.set_num_threads(os.cpu_count())
@@ -73,7 +86,8 @@ def _run_hf(args) -> dict:
       start = time.perf_counter()
       model(pixel_values=pixels, pixel_mask=mask)
       times.append(time.perf_counter() - start)
-  return {"median_s": statistics.median(times), "compile_s": 0.0}
+  return {"median_s": statistics.median(times), "compile_s": 0.0,
+          "setup": f"{torch.get_num_threads()} threads, malloc {'tuned' if malloc_tuned else 'glibc default'}"}
 
 
 def main():
@@ -84,6 +98,8 @@ def main():
   parser.add_argument("--width", type=int, default=1066)
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--dtype", default="float32", help="JAX compute dtype")
+  parser.add_argument("--malloc", default="tuned", choices=("tuned", "default"),
+                      help="both workers' glibc malloc: tuned as eval.py does, or glibc's defaults")
   parser.add_argument("--worker", choices=["jax", "hf"], help=argparse.SUPPRESS)
   args = parser.parse_args()
 
@@ -101,7 +117,7 @@ def main():
     for worker in ("jax", "hf"):
       cmd = [sys.executable, __file__, "--worker", worker, "--batch", str(batch), "--variant", args.variant,
              "--height", str(args.height), "--width", str(args.width), "--repeats", str(args.repeats),
-             "--dtype", args.dtype]
+             "--dtype", args.dtype, "--malloc", args.malloc]
       proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
       line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
       if proc.returncode or not line:
@@ -109,7 +125,7 @@ def main():
       results[worker] = json.loads(line[0][len("RESULT "):])
     rows.append((batch, results))
   print(f"\n{args.variant}, {args.height}x{args.width}, {os.cpu_count()} CPU threads, median of {args.repeats}, "
-        f"JAX dtype {args.dtype}\n")
+        f"JAX dtype {args.dtype}; JAX: {rows[0][1]['jax']['setup']}; HF: {rows[0][1]['hf']['setup']}\n")
   print("| batch | JAX (s) | HF eager (s) | JAX/HF | JAX compile (s) | JAX peak RSS (MB) | HF peak RSS (MB) |")
   print("|---|---|---|---|---|---|---|")
   for batch, r in rows:

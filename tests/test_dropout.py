@@ -1,4 +1,6 @@
 """models/dropout.py: the fused Threefry dropout mask."""
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -7,7 +9,8 @@ import pytest
 from jax.extend.random import threefry_2x32
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ddetr_jax.models.dropout import Dropout, keep_mask, threefry2x32
+from ddetr_jax.models.dropout import (Dropout, keep_mask, packed_keep_mask, packed_shape,
+                                      threefry2x32, unpack_keep_mask)
 
 
 def test_threefry_matches_jax_reference():
@@ -96,3 +99,93 @@ def test_batch_sharded_mask_equals_unsharded():
   sharded = f(jax.device_put(x, shard), key)
   assert sharded.sharding.spec == P("data")
   np.testing.assert_array_equal(np.asarray(sharded), single)
+
+
+@pytest.mark.parametrize("shape, expected", [
+    ((2, 1360, 256), (2, 1360, 32)),    # encoder activations: the last axis alone
+    ((2, 8, 300, 300), (2, 8, 11250)),  # attention weights: 300 is not a multiple of 8
+    ((8, 33), (33,)),
+    ((5, 3, 8), (5, 3, 1)),
+    ((3, 5), None),
+    ((7,), None),
+])
+def test_packed_shape(shape, expected):
+  assert packed_shape(shape) == expected
+
+
+@pytest.mark.parametrize("shape", [(2, 16, 24), (2, 8, 30, 30), (8, 33), (5, 3, 8)])
+def test_packed_mask_is_the_mask_bit_for_bit(shape):
+  key = jax.random.PRNGKey(21)
+  keep = np.asarray(keep_mask(key, 0.3, shape))
+  packed = np.asarray(packed_keep_mask(key, 0.3, shape))
+  assert packed.dtype == np.uint8 and packed.shape == packed_shape(shape)
+  # Independent unpacking: numpy's little-endian bit order is bit k = element 8 j + k.
+  bits = np.unpackbits(packed[..., None], axis=-1, bitorder="little")
+  np.testing.assert_array_equal(bits.reshape(shape).astype(bool), keep)
+  np.testing.assert_array_equal(np.asarray(unpack_keep_mask(jnp.asarray(packed), shape)), keep)
+  with pytest.raises(ValueError, match=r"\(3, 5\).*multiple of 8"):
+    packed_keep_mask(key, 0.3, (3, 5))
+
+
+@pytest.mark.parametrize("shape", [(4, 6, 16), (3, 5, 7)])  # packed, and the unpacked fallback
+def test_output_and_gradient_follow_the_mask(shape):
+  """Both paths: y = x / (1 - rate) where kept, else 0; dL/dx = that mask times dL/dy."""
+  rng = np.random.default_rng(8)
+  x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  w = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  key = jax.random.PRNGKey(9)
+  rate = 0.4
+
+
+  class Rng(nn.Module):  # the key a root module's first make_rng('dropout') draws
+    def __call__(self):
+      return self.make_rng("dropout")
+
+  keep = np.asarray(keep_mask(Rng().apply({}, rngs={"dropout": key}), rate, shape))
+  assert 0.4 < keep.mean() < 0.8
+
+  def loss(x):
+    y = Dropout(rate).apply({}, x, deterministic=False, rngs={"dropout": key})
+    return jnp.sum(jnp.sin(y) * w), y
+
+  (_, y), grad = jax.jit(jax.value_and_grad(loss, has_aux=True))(x)
+  scale = np.float32(1.0 / (1.0 - rate))
+  x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
+  np.testing.assert_array_equal(np.asarray(y), np.where(keep, np.asarray(x) * scale, 0.0))
+  expected = np.where(keep, np.cos(x64 * scale) * w64 * scale, 0.0)
+  np.testing.assert_allclose(np.asarray(grad), expected, rtol=1e-5, atol=1e-6)
+
+
+def _hashing_computations(hlo_text: str) -> list[str]:
+  """Names of the computations in compiled HLO text that run Threefry over a whole array.
+
+  The unrolled hash has 19 live xor's over the counters; the key derivation's hash works on
+  1-2 words in rolled loops (fewer than 10 xor's per computation).
+  """
+  found, name, xors = [], None, 0
+  for line in hlo_text.splitlines():
+    header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+    if header:
+      name, xors = header.group(1), 0
+    elif line.startswith("}") and name:
+      if xors >= 10:
+        found.append(name)
+      name = None
+    elif name and " xor(" in line:
+      xors += 1
+  return found
+
+
+def test_train_step_hashes_each_mask_once():
+  """Forward and backward of a dropout read one hashed mask: XLA does not re-hash it."""
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.normal(size=(64, 256)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(256, 256)), jnp.float32)
+
+  def loss(x, w, key):
+    h = Dropout(0.1).apply({}, x, deterministic=False, rngs={"dropout": key})
+    return jnp.sum(jnp.tanh(h @ w) * h)
+
+  step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+  hlo = step.lower(x, w, jax.random.PRNGKey(0)).compile().as_text()
+  assert len(_hashing_computations(hlo)) == 1, _hashing_computations(hlo)

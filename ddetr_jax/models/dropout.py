@@ -14,7 +14,17 @@ module's 'dropout' rng. The keep probability is 1 - round(rate * 2**32) / 2**32 
 2**-32). The counter is the global flat index, so a batch-sharded array gets the same mask as an
 unsharded one. Kept elements are scaled by 1 / (1 - rate), as in `flax.linen.Dropout` and
 `torch.nn.Dropout`.
+
+Where the array's size is a multiple of 8, the mask is hashed once and kept packed, 8 elements
+a byte (`packed_keep_mask`), and the forward and the backward only unpack its bits (a custom
+VJP). With a bool mask XLA fuses the whole hash into each of the mask's consumers, so the train
+step hashed most masks two or three times: in the forward select and again in one or two
+backward fusions. XLA does not duplicate the packing reduce, so the hash runs once. An FFN block
+with two dropouts ([2720, 256] -> 1024 -> 256, forward + backward, 2-core CPU): 87 ms with the
+bool mask, 76 ms packed. The mask is the same bit for bit.
 """
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -46,15 +56,72 @@ def threefry2x32(k0: jax.Array, k1: jax.Array, x0: jax.Array, x1: jax.Array
 
 def keep_mask(rng: jax.Array, rate: float, shape: tuple[int, ...]) -> jax.Array:
   """bool [shape]: True where an element is kept (probability 1 - rate, see the module doc)."""
+  return _keep_bits(rng, rate, shape, shape)
+
+
+def _keep_bits(rng: jax.Array, rate: float, shape: tuple[int, ...],
+               layout: tuple[int, ...]) -> jax.Array:
+  """bool [layout]: keep_mask(rng, rate, shape) reshaped (row-major) to `layout`."""
   size = int(np.prod(shape, dtype=np.int64))
   if size >= 2 ** 32:
     raise ValueError(f"dropout on {size} elements (shape {shape}): the uint32 counter covers "
                      f"fewer than 2**32 elements per array")
   words = jax.random.bits(rng, (2,), jnp.uint32)
-  index = lax.iota(jnp.uint32, size).reshape(shape)
+  index = lax.iota(jnp.uint32, size).reshape(layout)
   bits, _ = threefry2x32(words[0], words[1], index, jnp.zeros_like(index))
   threshold = np.uint32(min(round(rate * 2.0 ** 32), 2 ** 32 - 1))
   return bits >= threshold
+
+
+def packed_shape(shape: tuple[int, ...]) -> tuple[int, ...] | None:
+  """The shape (*lead, n // 8) of `shape`'s mask packed 8 elements to a byte, or None.
+
+  The trailing axes are merged, as few as make a multiple of 8 (n), so the leading (batch) axes
+  stay as they are; None when the size is not a multiple of 8.
+  """
+  for k in range(len(shape) - 1, -1, -1):
+    n = int(np.prod(shape[k:], dtype=np.int64))
+    if n % 8 == 0:
+      return (*shape[:k], n // 8)
+  return None
+
+
+def packed_keep_mask(rng: jax.Array, rate: float, shape: tuple[int, ...]) -> jax.Array:
+  """uint8 [packed_shape(shape)]: `keep_mask(rng, rate, shape)` packed, 8 elements a byte.
+
+  Bit k (value 2**k) of byte j along the last axis is element 8 j + k of the merged trailing
+  axes (row-major: the flat order of `shape`).
+  """
+  pshape = packed_shape(shape)
+  if pshape is None:
+    raise ValueError(f"dropout mask of shape {shape}: its size is not a multiple of 8")
+  keep = _keep_bits(rng, rate, shape, (*pshape, 8)).astype(jnp.uint8)
+  return jnp.sum(keep << jnp.arange(8, dtype=jnp.uint8), axis=-1, dtype=jnp.uint8)
+
+
+def unpack_keep_mask(packed: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """bool [shape] from `packed_keep_mask`'s uint8 [packed_shape(shape)]."""
+  bits = (packed[..., None] >> jnp.arange(8, dtype=jnp.uint8)) & jnp.uint8(1)
+  return bits.reshape(shape).astype(bool)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _apply_packed(x: jax.Array, packed: jax.Array, scale: float) -> jax.Array:
+  """x [...] kept where the packed mask says, times scale; the backward reads the same bytes."""
+  return jnp.where(unpack_keep_mask(packed, x.shape), x * jnp.asarray(scale, x.dtype),
+                   jnp.zeros((), x.dtype))
+
+
+def _apply_packed_fwd(x, packed, scale):
+  return _apply_packed(x, packed, scale), packed
+
+
+def _apply_packed_bwd(scale, packed, g):
+  # packed is an integer input: its cotangent is None (zero).
+  return _apply_packed(g, packed, scale), None
+
+
+_apply_packed.defvjp(_apply_packed_fwd, _apply_packed_bwd)
 
 
 class Dropout(nn.Module):
@@ -74,6 +141,9 @@ class Dropout(nn.Module):
       return x
     if self.rate == 1.0:
       return jnp.zeros_like(x)
-    keep = keep_mask(self.make_rng(self.rng_collection), self.rate, x.shape)
+    rng = self.make_rng(self.rng_collection)
+    if packed_shape(x.shape) is not None:
+      return _apply_packed(x, packed_keep_mask(rng, self.rate, x.shape), 1.0 / (1.0 - self.rate))
+    keep = keep_mask(rng, self.rate, x.shape)
     scale = jnp.asarray(1.0 / (1.0 - self.rate), x.dtype)
     return jnp.where(keep, x * scale, jnp.zeros((), x.dtype))
