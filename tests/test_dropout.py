@@ -127,9 +127,13 @@ def test_packed_mask_is_the_mask_bit_for_bit(shape):
     packed_keep_mask(key, 0.3, (3, 5))
 
 
-@pytest.mark.parametrize("shape", [(4, 6, 16), (3, 5, 7)])  # packed, and the unpacked fallback
-def test_output_and_gradient_follow_the_mask(shape):
-  """Both paths: y = x / (1 - rate) where kept, else 0; dL/dx = that mask times dL/dy."""
+@pytest.mark.parametrize("shape, pack_mask", [
+    ((4, 6, 16), None),   # packed (the CPU default)
+    ((4, 6, 16), False),  # the bool mask, as on GPU and TPU
+    ((3, 5, 7), None),    # size not a multiple of 8: the bool mask
+])
+def test_output_and_gradient_follow_the_mask(shape, pack_mask):
+  """Every path: y = x / (1 - rate) where kept, else 0; dL/dx = that mask times dL/dy."""
   rng = np.random.default_rng(8)
   x = jnp.asarray(rng.normal(size=shape), jnp.float32)
   w = jnp.asarray(rng.normal(size=shape), jnp.float32)
@@ -145,7 +149,8 @@ def test_output_and_gradient_follow_the_mask(shape):
   assert 0.4 < keep.mean() < 0.8
 
   def loss(x):
-    y = Dropout(rate).apply({}, x, deterministic=False, rngs={"dropout": key})
+    y = Dropout(rate, pack_mask=pack_mask).apply({}, x, deterministic=False,
+                                                 rngs={"dropout": key})
     return jnp.sum(jnp.sin(y) * w), y
 
   (_, y), grad = jax.jit(jax.value_and_grad(loss, has_aux=True))(x)
@@ -189,3 +194,12 @@ def test_train_step_hashes_each_mask_once():
   step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
   hlo = step.lower(x, w, jax.random.PRNGKey(0)).compile().as_text()
   assert len(_hashing_computations(hlo)) == 1, _hashing_computations(hlo)
+
+  # What packing avoids: with the bool mask XLA hashes it in the forward and again backward.
+  def unpacked(x, w, key):
+    h = Dropout(0.1, pack_mask=False).apply({}, x, deterministic=False, rngs={"dropout": key})
+    return jnp.sum(jnp.tanh(h @ w) * h)
+
+  hlo = jax.jit(jax.value_and_grad(unpacked, argnums=(0, 1))).lower(
+      x, w, jax.random.PRNGKey(0)).compile().as_text()
+  assert len(_hashing_computations(hlo)) >= 2

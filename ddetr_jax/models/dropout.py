@@ -22,7 +22,8 @@ step hashed most masks two or three times: in the forward select and again in on
 backward fusions. XLA does not duplicate the packing reduce, so the hash runs once. An FFN block
 with two dropouts ([2720, 256] -> 1024 -> 256, forward + backward, 2-core CPU, median of 30):
 45.3-49.8 ms with the bool mask, 39.8-45.5 ms packed (three rounds). The mask is the same bit
-for bit.
+for bit. `Dropout.pack_mask` defaults to packing on the CPU only: on GPU and TPU, recomputing a
+hash in a fusion is cheap next to memory traffic, and the trade was not measured there.
 """
 import functools
 
@@ -129,9 +130,12 @@ class Dropout(nn.Module):
   """Drop-in for `flax.linen.Dropout(rate)(x, deterministic)` with the fused mask above.
 
   rate: probability of zeroing an element, in [0, 1]. Uses the 'dropout' rng collection.
+  pack_mask: hash the mask once and keep it packed (module doc); None: on the CPU only. The
+    output and gradients are the same either way.
   """
   rate: float
   rng_collection: str = "dropout"
+  pack_mask: bool | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
@@ -143,7 +147,8 @@ class Dropout(nn.Module):
     if self.rate == 1.0:
       return jnp.zeros_like(x)
     rng = self.make_rng(self.rng_collection)
-    if packed_shape(x.shape) is not None:
+    pack = jax.default_backend() == "cpu" if self.pack_mask is None else self.pack_mask
+    if pack and packed_shape(x.shape) is not None:
       return _apply_packed(x, packed_keep_mask(rng, self.rate, x.shape), 1.0 / (1.0 - self.rate))
     keep = keep_mask(rng, self.rate, x.shape)
     scale = jnp.asarray(1.0 / (1.0 - self.rate), x.dtype)
