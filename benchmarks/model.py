@@ -29,9 +29,7 @@ def _images(batch: int, height: int, width: int):
 
 
 def _run_jax(args) -> dict:
-  sys.path.insert(0, ROOT)
-  from ddetr_jax import cpu_dispatch, host_malloc
-  malloc_tuned = args.malloc == "tuned" and host_malloc.tune()  # as eval.py: before JAX allocates
+  from ddetr_jax import cpu_dispatch
   sync_dispatch = cpu_dispatch.use_synchronous_cpu_dispatch()  # as eval.py (cli.run)
   import jax
   import jax.numpy as jnp
@@ -57,16 +55,10 @@ def _run_jax(args) -> dict:
     jax.block_until_ready(compiled(params, images, mask))
     times.append(time.perf_counter() - start)
   return {"median_s": statistics.median(times), "compile_s": compile_s,
-          "setup": f"dispatch {'sync' if sync_dispatch else 'async'}, "
-                   f"malloc {'tuned' if malloc_tuned else 'glibc default'}"}
+          "setup": f"dispatch {'sync' if sync_dispatch else 'async'}"}
 
 
 def _run_hf(args) -> dict:
-  malloc_tuned = False
-  if args.malloc == "tuned":
-    sys.path.insert(0, ROOT)
-    from ddetr_jax import host_malloc
-    malloc_tuned = host_malloc.tune()
   import torch
   from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection, ResNetConfig
   torch.set_num_threads(os.cpu_count())
@@ -87,7 +79,7 @@ def _run_hf(args) -> dict:
       model(pixel_values=pixels, pixel_mask=mask)
       times.append(time.perf_counter() - start)
   return {"median_s": statistics.median(times), "compile_s": 0.0,
-          "setup": f"{torch.get_num_threads()} threads, malloc {'tuned' if malloc_tuned else 'glibc default'}"}
+          "setup": f"{torch.get_num_threads()} threads"}
 
 
 def main():
@@ -105,7 +97,12 @@ def main():
 
   if args.worker:
     args.batch = args.batch[0]
+    sys.path.insert(0, ROOT)
+    from ddetr_jax import host_malloc
+    # Both workers, as eval.py: before the framework allocates.
+    malloc_tuned = args.malloc == "tuned" and host_malloc.tune()
     result = (_run_jax if args.worker == "jax" else _run_hf)(args)
+    result["setup"] += f", malloc {'tuned' if malloc_tuned else 'glibc default'}"
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(result))
     return

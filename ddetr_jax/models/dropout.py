@@ -107,11 +107,15 @@ def unpack_keep_mask(packed: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   return bits.reshape(shape).astype(bool)
 
 
+def _keep_scaled(keep: jax.Array, x: jax.Array, scale: float) -> jax.Array:
+  """x * scale where keep (bool, x's shape), else 0; in x's dtype."""
+  return jnp.where(keep, x * jnp.asarray(scale, x.dtype), jnp.zeros((), x.dtype))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _apply_packed(x: jax.Array, packed: jax.Array, scale: float) -> jax.Array:
   """x [...] kept where the packed mask says, times scale; the backward reads the same bytes."""
-  return jnp.where(unpack_keep_mask(packed, x.shape), x * jnp.asarray(scale, x.dtype),
-                   jnp.zeros((), x.dtype))
+  return _keep_scaled(unpack_keep_mask(packed, x.shape), x, scale)
 
 
 def _apply_packed_fwd(x, packed, scale):
@@ -147,9 +151,8 @@ class Dropout(nn.Module):
     if self.rate == 1.0:
       return jnp.zeros_like(x)
     rng = self.make_rng(self.rng_collection)
+    scale = 1.0 / (1.0 - self.rate)
     pack = jax.default_backend() == "cpu" if self.pack_mask is None else self.pack_mask
     if pack and packed_shape(x.shape) is not None:
-      return _apply_packed(x, packed_keep_mask(rng, self.rate, x.shape), 1.0 / (1.0 - self.rate))
-    keep = keep_mask(rng, self.rate, x.shape)
-    scale = jnp.asarray(1.0 / (1.0 - self.rate), x.dtype)
-    return jnp.where(keep, x * scale, jnp.zeros((), x.dtype))
+      return _apply_packed(x, packed_keep_mask(rng, self.rate, x.shape), scale)
+    return _keep_scaled(keep_mask(rng, self.rate, x.shape), x, scale)
