@@ -53,11 +53,15 @@ def main(argv):
   from ddetr_jax import host_malloc  # pylint: disable=g-import-not-at-top
   host_malloc.tune()  # before JAX allocates: large XLA:CPU buffers stay mapped between steps.
   import jax  # pylint: disable=g-import-not-at-top
-  if FLAGS.coordinator_address:
-    jax.distributed.initialize(FLAGS.coordinator_address, num_processes=FLAGS.num_processes,
-                               process_id=FLAGS.process_id)
-  elif FLAGS.distributed:
-    jax.distributed.initialize()
+  from ddetr_jax import errors  # pylint: disable=g-import-not-at-top
+  if FLAGS.predict_val < 0:
+    raise errors.InvalidInputError(f"--predict_val={FLAGS.predict_val}: give a number of "
+                                   f"validation images >= 1 (0: off)")
+  cli.start_distributed(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
+                        FLAGS.process_id)
+  for name in ("workdir", "checkpoint", "torch_checkpoint", "out"):  # `--out=~/x` is not
+    if getattr(FLAGS, name):                                         # expanded by the shell.
+      setattr(FLAGS, name, os.path.expanduser(getattr(FLAGS, name)))
   from ddetr_jax import evaluator, predict, sharding, trainer  # pylint: disable=g-import-not-at-top
   from ddetr_jax.models import build_model  # pylint: disable=g-import-not-at-top
 
@@ -80,8 +84,9 @@ def main(argv):
         config, FLAGS.predict_val, export_dir=os.path.join(out_dir, "validation_images"))
     summary = predict.predict_files(model, params, config, patterns, out_dir,
                                     threshold=FLAGS.threshold, num_attention=FLAGS.num_attention)
-    print(f"wrote {len(summary['images'])} annotated images, their sampling-point pictures and "
-          f"detections.json to {os.path.abspath(out_dir)}"
+    pictures = ", their sampling-point pictures" if FLAGS.num_attention > 0 else ""
+    print(f"wrote {len(summary['images'])} annotated images{pictures} and their detections "
+          f"(json) to {os.path.abspath(out_dir)}"
           + (f"; skipped {len(summary['skipped'])} unreadable" if summary["skipped"] else ""))
     return
 
@@ -91,7 +96,7 @@ def main(argv):
     for name in evaluator.METRIC_NAMES:
       print(f"{name:>6s} {metrics[name]:.4f}")
     print(f"evaluated {metrics['num_images']} images")
-    print(f"wrote {os.path.join(os.path.abspath(FLAGS.workdir), 'coco_metrics.json')}")
+    print(f"wrote coco_metrics.json and coco_results.json to {os.path.abspath(FLAGS.workdir)}")
 
 
 if __name__ == "__main__":

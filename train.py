@@ -46,13 +46,10 @@ def main(argv):
   from ddetr_jax import host_malloc  # pylint: disable=g-import-not-at-top
   host_malloc.tune()  # before JAX allocates: large XLA:CPU buffers stay mapped between steps.
   import jax  # pylint: disable=g-import-not-at-top
-  if _COORDINATOR.value:
-    jax.distributed.initialize(_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
-                               process_id=_PROCESS_ID.value)
-  elif _DISTRIBUTED.value:
-    jax.distributed.initialize()
+  cli.start_distributed(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
+                        _PROCESS_ID.value)
   from ddetr_jax import trainer  # pylint: disable=g-import-not-at-top
-  workdir = os.path.abspath(_WORKDIR.value)
+  workdir = os.path.abspath(os.path.expanduser(_WORKDIR.value))
   metrics = trainer.train_and_evaluate(_CONFIG.value, workdir)
   if jax.process_index() == 0:
     print("\n" + trainer.final_summary(workdir, metrics))

@@ -84,7 +84,7 @@ def param_path(path: tuple) -> str:
   return "/".join(names)
 
 
-def _flat_shapes(tree: Any) -> dict:
+def flat_shapes(tree: Any) -> dict:
   """{'a/b/kernel': shape} of every array-like leaf (arrays, ShapeDtypeStructs, orbax metadata)."""
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
   return {param_path(path): tuple(getattr(leaf, "shape", np.shape(leaf))) for path, leaf in leaves}
@@ -100,7 +100,7 @@ def check_tree_fits(expected: Any, found: Any, what: str, allow_missing: bool = 
     allow_missing: if True, parameters of `expected` absent from `found` are allowed (a partial,
       e.g. backbone-only, checkpoint); unexpected and mis-shaped ones are still errors.
   """
-  want, have = _flat_shapes(expected), _flat_shapes(found)
+  want, have = flat_shapes(expected), flat_shapes(found)
   missing = sorted(set(want) - set(have))
   unexpected = sorted(set(have) - set(want))
   mismatched = sorted(k for k in set(want) & set(have) if want[k] != have[k])
@@ -191,6 +191,7 @@ class CheckpointManager:
       dict with `params`, `opt_state`, `step` (int), `rng` (uint32 numpy array), `data_state`.
     """
     where = os.path.join(self.directory, str(step))
+    optimizer_state = f"checkpoint {where}: its optimizer state (optim settings changed?)"
     check_tree_fits(abstract_params, self.stored_params_metadata(step), f"checkpoint {where}")
     try:
       restored = self._manager.restore(int(step), args=ocp.args.Composite(**{
@@ -200,9 +201,13 @@ class CheckpointManager:
           DATA_STATE: ProcessJsonRestore(),
       }))
     except ValueError as e:
-      raise errors.InvalidInputError(
-          f"checkpoint {where}: the optimizer state does not fit this config (optim settings "
-          f"changed?): {e}") from e
+      reason = str(e).splitlines()[0].rstrip(": ")
+      if "tree structures do not match" in reason:  # the params were checked above.
+        raise errors.InvalidInputError(f"{optimizer_state} does not fit this config: {reason}") from e
+      raise errors.InvalidInputError(f"checkpoint {where} cannot be restored: {reason}") from e
+    # orbax restores a stored empty entry (the optimizer state of a group that was frozen when
+    # the checkpoint was written) as None without complaint; the first step would fail on it.
+    check_tree_fits(abstract_opt_state, restored[OPT_STATE], optimizer_state)
     meta = restored[TRAIN_META]
     if int(meta["step"]) != int(step):
       raise ValueError(f"checkpoint {where} says step {meta['step']}")

@@ -1,10 +1,13 @@
 """What train.py and eval.py share on the command line: config overrides, log level, user errors.
 
   check_config_overrides(argv, default_config)  call before `config_flags.DEFINE_config_file`
-      (which applies the overrides while defining the flag when --config is not given): an
-      override `--config.a.b=V` naming no field of the config prints
+      (which applies the overrides while defining the flag when --config is not given): a
+      --config file that does not exist, a variant its `get_config` refuses (`path.py:nope`),
+      or an override `--config.a.b=V` naming no field of the config prints one line such as
       `error: --config.a.b: config.a has no field 'b'; did you mean --config.a.c?` and exits
-      with status 2, where ml_collections would end a traceback with a garbled AttributeError.
+      with status 2, where ml_collections would print a traceback.
+  start_distributed(...)  jax.distributed.initialize from --distributed / --coordinator_address /
+      --num_processes / --process_id, their mistakes as user errors.
   run(main)  absl's `app.run(main)`, after restarting with transparent huge pages where they
       apply (`host_malloc.reexec_with_huge_pages`) and making CPU dispatch synchronous
       (`cpu_dispatch`), with two changes: absl and orbax log at WARNING (orbax logs every
@@ -13,6 +16,7 @@
       status 2 and no traceback. Any other exception keeps its traceback.
 """
 import difflib
+import os
 import re
 import sys
 from typing import Callable, Optional, Sequence
@@ -34,13 +38,16 @@ def _unknown_field(config: config_dict.ConfigDict, field_path: str) -> Optional[
   """Why `field_path` ('train.num_train_steps') names no field of `config`, or None if it does.
 
   The message names the first missing key, where it was looked for, and up to 3 close matches
-  (difflib), else that level's fields. Paths below a value that is not a ConfigDict, or with an
-  index (`a[0]`), are left to ml_collections (None).
+  (difflib), else that level's fields; a path going on below a value says so. Paths with an
+  index (`a[0]`) are left to ml_collections (None).
   """
   node, walked = config, ["config"]
   for name in field_path.split("."):
-    if not isinstance(node, config_dict.ConfigDict) or "[" in name:
+    if "[" in name:
       return None
+    if not isinstance(node, config_dict.ConfigDict):
+      return (f"--config.{field_path}: {'.'.join(walked)} is a value ({type(node).__name__}), "
+              f"not a section: it has no field {name!r}")
     if name not in node:
       where = ".".join(walked)
       fields = sorted(node.keys())
@@ -66,34 +73,86 @@ def _config_argument(argv: Sequence[str], default: str) -> str:
 
 
 def check_config_overrides(argv: Sequence[str], default_config: str) -> None:
-  """Exits with status 2 and one line on stderr if a --config.* override names no config field.
+  """Exits with status 2 and one line on stderr for a missing --config file or variant, or a
+  --config.* override naming no config field.
 
   Args:
     argv: the command line (sys.argv); --flagfile arguments are expanded.
     default_config: the --config default (`path.py` or `path.py:variant`).
 
-  A config that does not load, or a command line absl cannot read, is left to absl and
-  ml_collections to report.
+  A config file that fails for another reason (a bug in it), or a command line absl cannot
+  read, is left to absl and ml_collections to report, with their traceback.
   """
   try:
     argv = flags.FLAGS.read_flags_from_files(list(argv), force_gnu=False)
   except flags.Error:
     return
-  overrides = [m.group(2) for m in (re.match(r"--?(no)?config\.([^=]+)", a) for a in argv) if m]
-  if not overrides:
-    return
+  spec = _config_argument(argv, default_config)
+  path, _, variant = spec.partition(":")
+  if not os.path.isfile(path):
+    _exit_with_user_error(f"--config {spec}: no such config file {path!r}"
+                          + ("" if os.path.isabs(path) else f" (from {os.getcwd()})"))
   try:
-    config = ml_config_flags.ConfigFileFlagParser(name="config", lock_config=False).parse(
-        _config_argument(argv, default_config))
-  except Exception:  # pylint: disable=broad-except  (reported by ml_collections itself)
-    return
+    config = ml_config_flags.ConfigFileFlagParser(name="config", lock_config=False).parse(spec)
+  except Exception as e:  # pylint: disable=broad-except
+    # ml_collections wraps what get_config raised (a KeyError it lets through as it is).
+    cause = e.__cause__ or e.__context__ or e
+    if variant and isinstance(cause, (ValueError, KeyError)) and variant in str(cause):
+      reason = (f"get_config({variant!r}) raised KeyError {cause}" if isinstance(cause, KeyError)
+                else cause.args[0] if cause.args else cause)
+      _exit_with_user_error(f"--config {spec}: {reason}")
+    return  # anything else (a bug in the config file) keeps ml_collections' traceback.
   if not isinstance(config, config_dict.ConfigDict):
     return
+  overrides = [m.group(2) for m in (re.match(r"--?(no)?config\.([^=]+)", a) for a in argv) if m]
   for field_path in overrides:
     message = _unknown_field(config, field_path)
     if message:
-      print(f"error: {message}", file=sys.stderr)
-      sys.exit(USER_ERROR_EXIT_STATUS)
+      _exit_with_user_error(message)
+
+
+def _exit_with_user_error(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(USER_ERROR_EXIT_STATUS)
+
+
+def start_distributed(auto_detect: bool, coordinator_address: Optional[str],
+                      num_processes: Optional[int], process_id: Optional[int]) -> None:
+  """`jax.distributed.initialize` from the entry points' flags; their mistakes are user errors.
+
+  --coordinator_address HOST:PORT needs --num_processes N and --process_id I (0 <= I < N);
+  those two alone are refused (they would be ignored); --distributed alone auto-detects the
+  cluster (TPU pods, SLURM, Open MPI), and JAX's refusal (no cluster found) is a user error too.
+  Nothing given: a single process, nothing to do.
+  """
+  given = {"--num_processes": num_processes, "--process_id": process_id}
+  if coordinator_address:
+    missing = [name for name, value in given.items() if value is None]
+    if missing:
+      raise errors.InvalidInputError(
+          f"--coordinator_address={coordinator_address} needs {' and '.join(missing)} too")
+    if not re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[^\s:\[\]]+):\d{1,5}", coordinator_address):
+      raise errors.InvalidInputError(
+          f"--coordinator_address={coordinator_address!r}: expected HOST:PORT (e.g. 10.0.0.1:1234)")
+    if not 0 <= process_id < num_processes:
+      raise errors.InvalidInputError(
+          f"--process_id={process_id} must be in [0, --num_processes={num_processes})")
+    kwargs = dict(coordinator_address=coordinator_address, num_processes=num_processes,
+                  process_id=process_id)
+  elif any(value is not None for value in given.values()):
+    named = " and ".join(name for name, value in given.items() if value is not None)
+    raise errors.InvalidInputError(
+        f"{named} need --coordinator_address=HOST:PORT (or --distributed alone, to auto-detect "
+        f"the cluster)")
+  elif auto_detect:
+    kwargs = {}
+  else:
+    return
+  import jax  # pylint: disable=g-import-not-at-top
+  try:
+    jax.distributed.initialize(**kwargs)
+  except ValueError as e:  # JAX's own checks, e.g. --distributed where no cluster is detected.
+    raise errors.InvalidInputError(f"jax.distributed.initialize: {e}") from e
 
 
 def run(main: Callable[[list[str]], None]) -> None:

@@ -10,12 +10,17 @@ Accepted checkpoints (auto-detected):
 Every layout is first renamed to the official names, then mapped to the Flax tree of
 `ddetr_jax.models.DeformableDETR`. Loading never unpickles code (`torch.load(weights_only=True)` or
 safetensors). Conversion is strict: all missing keys, unused keys and shape mismatches are
-reported together (`CheckpointError`), and a checkpoint of another variant is named.
+reported together (`CheckpointError`), and a checkpoint of another variant is named (one line).
 
 CLI: python -m ddetr_jax.convert --torch_checkpoint PATH --config configs/deformable_detr.py:VARIANT --out DIR
+  --out must not exist or be empty; `--overwrite` replaces a checkpoint this tool wrote there before,
+  and nothing else (a folder with other content is never deleted). Errors in the flags, the
+  checkpoint or --out print `error: ...` and exit with status 2; `--verbosity=0` shows orbax's
+  INFO logs.
 """
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
@@ -36,7 +41,75 @@ class CheckpointError(errors.InvalidInputError):
   """A checkpoint that cannot be loaded into the configured model; the message says why."""
 
 
+class MissingCheckpointError(CheckpointError, errors.MissingInputError):
+  """A checkpoint file that does not exist (also a FileNotFoundError)."""
+
+
 # ----------------------------------------------------------------------------- reading files
+
+# What torch.load's weights-only unpickler says when the file holds objects other than tensors
+# and plain containers (a class, a function to call): the file is a checkpoint, refused on purpose.
+_REFUSAL_RE = re.compile(r"GLOBAL|add_safe_globals|allowlisted|must be imported|unrecognized function")
+
+
+def _first_sentence(text: str) -> str:
+  """The first non-empty line of `text`, cut after its first sentence; without the
+  `[enforce fail at file.cc:N] .` prefix of torch's C++ errors."""
+  line = next((l.strip() for l in text.splitlines() if l.strip()), "")
+  line = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", line)
+  return re.split(r"(?<=\.)\s", line, maxsplit=1)[0]
+
+
+# Lines of torch.load's weights-only message that are advice, not the reason.
+_TORCH_ADVICE_RE = re.compile(r"In PyTorch 2\.6|This file can still be loaded|Please file an issue|"
+                              r"Check the documentation|\(\d\) ")
+
+
+def _torch_load_reason(e: Exception) -> str:
+  """`Type: reason` of a torch.load failure; for a weights-only failure, the unpickler's reason
+  (e.g. `Unsupported global: GLOBAL a.B was not an allowed global by default.`), not the advice
+  torch wraps it in."""
+  lines = []
+  for line in str(e).splitlines():
+    line = line.split("WeightsUnpickler error:", 1)[-1]
+    line = re.sub(r"^\s*Weights only load failed\.\s*", "", line).strip()
+    if line and not _TORCH_ADVICE_RE.match(line):
+      lines.append(line)
+  reason = _first_sentence("\n".join(lines))
+  if not reason and isinstance(e, EOFError):
+    reason = "the file ends early"
+  return f"{type(e).__name__}: {reason}" if reason else type(e).__name__
+
+
+def _not_a_torch_file(path: str) -> Optional[str]:
+  """Why the file at `path` cannot be a torch.save file (None if it may be one).
+
+  torch.save writes a zip archive holding `<name>/data.pkl`, or (legacy format) a pickle that
+  starts with torch's magic number.
+  """
+  import zipfile
+  import torch
+  with open(path, "rb") as f:
+    head = f.read(64)
+  if not head:
+    return "the file is empty"
+  if head.startswith(b"PK\x03\x04"):
+    try:
+      with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+      return None  # a zip archive cut short: torch's reason says so.
+    if not any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+      return f"it is a zip archive without the data.pkl that torch.save writes (it holds {names[:3]})"
+    return None
+  magic = torch.serialization.MAGIC_NUMBER
+  if any(head.startswith(pickle.dumps(magic, protocol=p)) for p in range(pickle.HIGHEST_PROTOCOL + 1)):
+    return None
+  if head[8:10] == b'{"':
+    return "it looks like a safetensors file: give it the .safetensors suffix"
+  kind = "a pickle, but not one written by torch.save" if head.startswith(b"\x80") else "not a pickle"
+  return f"it is neither a zip archive nor a legacy torch.save file ({kind}; it starts with {head[:16]!r})"
+
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
   """Reads a checkpoint file into {name: float32/int numpy array} without running pickled code.
@@ -44,12 +117,21 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
   `.safetensors` is read with safetensors; anything else with `torch.load(weights_only=True)`.
   A dict with a `model` (official) or `state_dict` entry is unwrapped. Non-tensor entries (epoch,
   args, optimizer state, ...) outside the state_dict are dropped.
+
+  Raises:
+    MissingCheckpointError: `path` does not exist.
+    CheckpointError (the message starts with `path`): `path` is a folder, is not a PyTorch or
+      safetensors file, is truncated or corrupt, holds objects that loading would have to run
+      code for (refused), or holds no state_dict.
   """
-  if not os.path.isfile(path):
-    raise CheckpointError(f"{path}: no such checkpoint file")
+  if not os.path.exists(path):
+    raise MissingCheckpointError(f"{path}: no such checkpoint file")
+  if os.path.isdir(path):
+    raise CheckpointError(f"{path}: is a folder; name the checkpoint file (.pth, .bin or "
+                          ".safetensors)")
   if path.endswith(".safetensors"):
+    from safetensors.torch import load_file
     try:
-      from safetensors.torch import load_file
       tensors = load_file(path, device="cpu")
     except Exception as e:  # noqa: BLE001 - any failure is reported with the file name.
       raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from e
@@ -57,15 +139,22 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
     import torch
     try:
       obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-      raise CheckpointError(
-          f"{path}: refusing to load: the file needs arbitrary unpickling (it holds objects other "
-          f"than tensors and plain containers, possibly code). Re-save its state_dict with "
-          f"torch.save(state_dict) or convert it to safetensors. Details: {str(e).splitlines()[0]}") from e
-    except Exception as e:  # noqa: BLE001 - truncated/corrupt files raise various errors.
-      raise CheckpointError(
-          f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): "
-          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    except Exception as e:  # noqa: BLE001 - truncated/corrupt/foreign files raise various errors.
+      reason = _torch_load_reason(e)
+      try:
+        not_torch = _not_a_torch_file(path)
+      except OSError as read_error:
+        raise CheckpointError(f"{path}: cannot read the file: {read_error.strerror or read_error}") from e
+      if not_torch:
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint: {not_torch} (torch.load: {reason})") from e
+      if isinstance(e, pickle.UnpicklingError) and _REFUSAL_RE.search(reason):
+        raise CheckpointError(
+            f"{path}: refusing to load: the file holds objects other than tensors and plain "
+            f"containers, which only arbitrary unpickling (possibly running code) could load. "
+            f"Re-save its state_dict with torch.save(state_dict) or convert it to safetensors. "
+            f"torch.load: {reason}") from e
+      raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): "
+                            f"{reason}") from e
     if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
       obj = obj["model"]
     elif isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
@@ -341,6 +430,14 @@ def params_from_state_dict(state_dict: Mapping[str, Any], config, init_params: O
   wrong_variant = not backbone_only and (facts["with_box_refine"], facts["two_stage"],
                                          facts["num_feature_levels"]) != (
       bool(m.with_box_refine), bool(m.two_stage), m.num_feature_levels)
+  config_facts = (f"num_feature_levels={m.num_feature_levels}, with_box_refine={m.with_box_refine}, "
+                  f"two_stage={m.two_stage}, backbone_depth={m.backbone_depth}")
+  if wrong_variant and facts["num_feature_levels"]:
+    # One line: the missing/unused keys all follow from the other variant.
+    found = ", ".join(f"{k}={v}" for k, v in facts.items() if k != "variant")
+    raise CheckpointError(
+        f"the checkpoint fits variant {facts['variant']!r} ({found}), not config variant "
+        f"{config.get('variant', '?')!r} ({config_facts}); convert it with the config of its variant")
   if missing or unused or mismatched or wrong_variant:
     lines = [f"checkpoint ({layout} layout) does not fit the model of config variant "
              f"{config.get('variant', '?')!r} (backbone_depth={m.backbone_depth}, "
@@ -378,49 +475,149 @@ def params_from_hf_state_dict(state_dict: Mapping[str, Any], config) -> dict:
   return params_from_state_dict(state_dict, config)
 
 
+def with_path(error: CheckpointError, path: str) -> CheckpointError:
+  """`error`, its message prefixed with `path: ` unless it already starts with it."""
+  return error if str(error).startswith(path) else CheckpointError(f"{path}: {error}")
+
+
 def load_torch_params(path: str, config, init_params: Optional[dict] = None) -> dict:
-  """Reads and converts a PyTorch checkpoint file; see `params_from_state_dict`."""
+  """Reads and converts a PyTorch checkpoint file; see `params_from_state_dict`.
+
+  Raises:
+    CheckpointError (MissingCheckpointError for a file that is not there), its message starting
+    with `path`.
+  """
   try:
     return params_from_state_dict(read_state_dict(path), config, init_params)
   except CheckpointError as e:
-    if str(e).startswith(path):
-      raise
-    raise CheckpointError(f"{path}: {e}") from None
+    raise with_path(e, path) from None
 
 
-def save_params(params: dict, out_dir: str) -> None:
-  """Writes {'params': params} as an orbax (StandardCheckpointer) checkpoint in out_dir."""
+# Top-level entries of an orbax StandardCheckpointer checkpoint (OCDBT; older and newer orbax
+# versions' names included). A folder holding anything else is not one `save_params` wrote.
+_ORBAX_ENTRY_RE = re.compile(r"_CHECKPOINT_METADATA|_METADATA|_sharding|_strings\.json|array_metadatas"
+                             r"|commit_success\.txt|d|descriptor|manifest\.ocdbt|ocdbt\.process_\d+")
+
+
+def _not_a_converted_checkpoint(out_dir: str) -> Optional[str]:
+  """Why the folder `out_dir` is not a checkpoint written by `save_params` (None if it is one).
+
+  One is an orbax checkpoint (both metadata files, no entry orbax does not write) of a single
+  tree under 'params'.
+  """
+  names = sorted(os.listdir(out_dir))
+  others = [n + ("/" if os.path.isdir(os.path.join(out_dir, n)) else "") for n in names
+            if not _ORBAX_ENTRY_RE.fullmatch(n)]
+  if others:
+    more = f" and {len(others) - 5} more" if len(others) > 5 else ""
+    return f"it holds {', '.join(others[:5])}{more}"
+  missing = [n for n in ("_CHECKPOINT_METADATA", "_METADATA")
+             if not os.path.isfile(os.path.join(out_dir, n))]
+  if missing:
+    return f"it has no orbax {' or '.join(missing)} file"
+  try:
+    with open(os.path.join(out_dir, "_METADATA")) as f:
+      tree = json.load(f)["tree_metadata"]
+    top_keys = {entry["key_metadata"][0]["key"] for entry in tree.values()}
+  except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError):
+    return "its _METADATA is not an orbax tree's"
+  if top_keys != {"params"}:
+    return f"its tree is {sorted(top_keys)[:5]}, not the {{'params': ...}} this tool writes"
+  return None
+
+
+def check_out_dir(out_dir: str, overwrite: bool = False) -> None:
+  """Checks that `save_params` may write to `out_dir`; deletes nothing.
+
+  Allowed: a path that does not exist, an empty folder, and (with `overwrite`) a folder holding
+  a checkpoint `save_params` wrote, which the save replaces. Anything else (a file, a folder with
+  other content such as a training workdir) is refused, with or without `overwrite`.
+
+  Every check is made on the folder the save will write, `os.path.realpath(out_dir)` (so
+  `missing/..` or a symbolic link is judged by what it resolves to).
+
+  Raises:
+    errors.InvalidInputError naming `out_dir`.
+  """
+  if not out_dir:
+    raise errors.InvalidInputError("--out is empty; name a new folder for the converted checkpoint")
+  resolved = os.path.realpath(out_dir)
+  if resolved != out_dir:
+    out_dir = f"{out_dir} (= {resolved})"
+  if not os.path.lexists(resolved):
+    return
+  if not os.path.isdir(resolved):
+    what = "is a file" if os.path.isfile(resolved) else "exists"
+    raise errors.InvalidInputError(f"{out_dir}: {what}, not a folder; name a new folder for the "
+                                   "converted checkpoint")
+  if not os.listdir(resolved):
+    return
+  if not overwrite:
+    raise errors.InvalidInputError(
+        f"{out_dir}: the folder exists and is not empty; name a new folder, or pass --overwrite "
+        "to replace a checkpoint converted into it before")
+  why = _not_a_converted_checkpoint(resolved)
+  if why:
+    raise errors.InvalidInputError(
+        f"{out_dir}: not replaced, even with --overwrite: it is not a checkpoint written by "
+        f"ddetr_jax.convert ({why}); name a new folder")
+
+
+def save_params(params: dict, out_dir: str, overwrite: bool = False) -> None:
+  """Writes {'params': params} as an orbax (StandardCheckpointer) checkpoint in out_dir.
+
+  `out_dir` must not exist, be empty, or (with `overwrite`) hold a checkpoint written by this
+  function, which is then replaced; see `check_out_dir`, which raises errors.InvalidInputError
+  for anything else.
+  """
   import orbax.checkpoint as ocp
+  check_out_dir(out_dir, overwrite)
+  directory = os.path.realpath(out_dir)  # a symbolic link to a folder: replace the folder.
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.abspath(out_dir), {"params": jax.tree_util.tree_map(jnp.asarray, params)},
-                    force=True)
+  checkpointer.save(directory, {"params": jax.tree_util.tree_map(jnp.asarray, params)},
+                    force=os.path.exists(directory))
   checkpointer.wait_until_finished()
 
 
 def main(argv) -> None:
-  del argv
+  """The CLI (see the module docstring); `cli.run` prints its user errors as one line."""
+  from absl import app
   from absl import flags
-  config = flags.FLAGS.config
-  init_params = None
-  state_dict, layout = to_official_names(read_state_dict(flags.FLAGS.torch_checkpoint))
-  if layout == "torchvision_resnet":
-    from ddetr_jax.models import build_model
-    images, mask = jnp.zeros((1, 64, 64, 3)), jnp.zeros((1, 64, 64), bool)
-    init_params = jax.jit(build_model(config).init)(jax.random.key(flags.FLAGS.seed), images, mask)["params"]
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  FLAGS = flags.FLAGS  # pylint: disable=invalid-name
+  path, out_dir, config = FLAGS.torch_checkpoint, FLAGS.out, FLAGS.config
+  check_out_dir(out_dir, FLAGS.overwrite)  # before the conversion, which can take a while.
+  state_dict = read_state_dict(path)
   try:
+    layout = to_official_names(state_dict)[1]
+    init_params = None
+    if layout == "torchvision_resnet":
+      from ddetr_jax.models import build_model
+      images, mask = jnp.zeros((1, 64, 64, 3)), jnp.zeros((1, 64, 64), bool)
+      init_params = jax.jit(build_model(config).init)(jax.random.key(FLAGS.seed), images, mask)["params"]
     params = params_from_state_dict(state_dict, config, init_params)
   except CheckpointError as e:
-    raise SystemExit(f"{flags.FLAGS.torch_checkpoint}: {e}") from None
-  save_params(params, flags.FLAGS.out)
+    raise with_path(e, path) from None
+  save_params(params, out_dir, FLAGS.overwrite)
   count = sum(np.size(x) for x in jax.tree_util.tree_leaves(params))
-  print(f"converted {flags.FLAGS.torch_checkpoint} ({layout}, {count} parameters) -> {flags.FLAGS.out}")
+  print(f"converted {path} ({layout}, {count} parameters) -> {out_dir}")
 
 
 if __name__ == "__main__":
-  from absl import app, flags
+  import sys
+  from absl import flags
   from ml_collections import config_flags
+  from ddetr_jax import cli
   flags.DEFINE_string("torch_checkpoint", None, "PyTorch checkpoint (.pth/.bin/.safetensors).", required=True)
-  flags.DEFINE_string("out", None, "Output directory of the orbax checkpoint.", required=True)
+  flags.DEFINE_string("out", None, "Output folder of the orbax checkpoint: new or empty, or see "
+                      "--overwrite.", required=True)
+  flags.DEFINE_bool("overwrite", False, "Replace --out if it holds a checkpoint converted before. "
+                    "A folder with anything else in it is never deleted.")
   flags.DEFINE_integer("seed", 0, "Init seed for the non-backbone params of a backbone-only checkpoint.")
-  config_flags.DEFINE_config_file("config", None, "configs/deformable_detr.py:VARIANT", lock_config=True)
-  app.run(main)
+  if any(re.fullmatch(r"--?config(=.*)?", arg) for arg in sys.argv[1:]):  # else absl says it is required.
+    cli.check_config_overrides(sys.argv, "")  # before ml_collections applies the overrides.
+  config_flags.DEFINE_config_file("config", None, "Config file (`configs/deformable_detr.py:VARIANT`).",
+                                  lock_config=True)
+  flags.mark_flag_as_required("config")
+  cli.run(main)

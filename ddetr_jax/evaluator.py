@@ -217,6 +217,10 @@ def checkpoint_params_dir(checkpoint_dir: str) -> tuple[str, Optional[int]]:
   Accepts a CheckpointManager directory (numbered step folders, latest taken, item 'params'),
   one step folder of it (holding 'params/'), or a plain PyTree checkpoint (e.g. from convert).
   """
+  if os.path.isfile(checkpoint_dir):
+    raise errors.InvalidInputError(
+        f"{checkpoint_dir!r} is a file, not an orbax checkpoint folder; a PyTorch checkpoint goes "
+        f"to --torch_checkpoint (eval.py) or is converted with `python -m ddetr_jax.convert`")
   if not os.path.isdir(checkpoint_dir):
     raise errors.MissingInputError(f"checkpoint directory not found: {checkpoint_dir!r}")
   names = os.listdir(checkpoint_dir)
@@ -239,6 +243,12 @@ def _unwrap_params(tree: Any) -> Any:
   if isinstance(tree, Mapping) and set(tree) == {"params"}:
     return tree["params"]
   return tree
+
+
+def _workdir_hint(checkpoint_dir: str) -> str:
+  """'; did you mean DIR/checkpoints?' when `checkpoint_dir` is a training workdir."""
+  inner = os.path.join(checkpoint_dir, "checkpoints")
+  return f"; did you mean {inner!r} (a training run's checkpoints)?" if os.path.isdir(inner) else ""
 
 
 def load_params(checkpoint_dir: str, expected: Any = None) -> Any:
@@ -267,7 +277,8 @@ def load_params(checkpoint_dir: str, expected: Any = None) -> Any:
       metadata = handler.metadata(path)
     except (FileNotFoundError, ValueError) as e:
       raise errors.InvalidInputError(
-          f"{checkpoint_dir!r} is not an orbax params checkpoint: {e}") from e
+          f"{checkpoint_dir!r} is not an orbax params checkpoint: {e}{_workdir_hint(checkpoint_dir)}"
+      ) from e
     tree = getattr(metadata, "tree", metadata)
     if expected is not None:
       checkpoint_lib.check_tree_fits(expected, _unwrap_params(tree), f"checkpoint {path}")
@@ -276,7 +287,8 @@ def load_params(checkpoint_dir: str, expected: Any = None) -> Any:
       restored = handler.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
     except (FileNotFoundError, ValueError) as e:
       raise errors.InvalidInputError(
-          f"{checkpoint_dir!r} is not an orbax params checkpoint: {e}") from e
+          f"{checkpoint_dir!r} is not an orbax params checkpoint: {e}{_workdir_hint(checkpoint_dir)}"
+      ) from e
   finally:
     handler.close()
   return _unwrap_params(restored)

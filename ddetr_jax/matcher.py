@@ -34,6 +34,7 @@ import optax
 import scipy.optimize
 
 from ddetr_jax import box_ops
+from ddetr_jax import errors
 
 SOLVERS = ("hungarian", "scipy")
 # Replacement for NaN/inf costs: finite so the in-graph solver always terminates,
@@ -149,7 +150,7 @@ def solve(cost: jnp.ndarray, box_mask: jnp.ndarray, solver: str = "hungarian"
                   jax.ShapeDtypeStruct(box_mask.shape, jnp.bool_))
     return jax.pure_callback(_scipy_host, out_shapes, cost, box_mask,
                              vmap_method="sequential")
-  raise ValueError(f"matcher: unknown solver {solver!r} (config.loss.matcher); "
+  raise errors.InvalidInputError(f"matcher: unknown solver {solver!r} (config.loss.matcher); "
                    f"expected one of {SOLVERS}")
 
 

@@ -1,7 +1,8 @@
 """Training metrics on disk: metrics.jsonl, TensorBoard scalars and the training-curve PNG.
 
 Rows of metrics.jsonl are `{"step": int, "kind": "train" | "eval", <scalar name>: float, ...}`;
-TensorBoard gets the same scalars as `{kind}/{name}`. Only process 0 writes (`enabled`).
+TensorBoard gets the same scalars as `{kind}/{name}`. Only process 0 writes (`enabled`). A
+resumed run first drops what was logged after its checkpoint (`resume_at`).
 """
 import json
 import os
@@ -24,7 +25,11 @@ class MetricWriter:
       from tensorboard.summary.writer.record_writer import RecordWriter  # pylint: disable=g-import-not-at-top
       os.makedirs(self.tensorboard_dir, exist_ok=True)
       name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
-      self._events = RecordWriter(open(os.path.join(self.tensorboard_dir, name), "wb"))
+      path, again = os.path.join(self.tensorboard_dir, name), 0
+      while os.path.exists(path):  # a second writer in this process within the second.
+        again += 1
+        path = os.path.join(self.tensorboard_dir, f"{name}.{again}")
+      self._events = RecordWriter(open(path, "xb"))
       self._add_event(file_version="brain.Event:2")
 
   def _add_event(self, **fields) -> None:
@@ -45,6 +50,23 @@ class MetricWriter:
               for k, v in scalars.items()]
     self._add_event(step=int(step), summary=summary_pb2.Summary(value=values))
 
+  def resume_at(self, step: int) -> None:
+    """A run resumed from its checkpoint at `step` redoes the steps after it: drops their rows
+    from metrics.jsonl (rewritten whole, then renamed over the old file) and tells TensorBoard to
+    purge them (a SessionLog START event at step + 1), so no step is listed twice."""
+    if not self.enabled:
+      return
+    rows = self.rows()
+    kept = [r for r in rows if r["step"] <= step]
+    if len(kept) != len(rows):
+      partial = self.jsonl_path + ".tmp"
+      with open(partial, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+      os.replace(partial, self.jsonl_path)
+    from tensorboard.compat.proto import event_pb2  # pylint: disable=g-import-not-at-top
+    self._add_event(step=int(step) + 1,
+                    session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START))
+
   def rows(self) -> list[dict]:
     """The rows of metrics.jsonl, oldest first ([] before the first write, or if not enabled)."""
     if not self.enabled or not os.path.exists(self.jsonl_path):
@@ -60,7 +82,7 @@ class MetricWriter:
     import matplotlib  # pylint: disable=g-import-not-at-top
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-    # A resumed run repeats the steps after its checkpoint: the last row of a step wins.
+    # (A file from before `resume_at` may repeat steps: the last row of a step wins.)
     train = sorted({r["step"]: r for r in rows if r["kind"] == "train"}.values(),
                    key=lambda r: r["step"])
     evals = sorted({r["step"]: r for r in rows if r["kind"] == "eval"}.values(),

@@ -3,16 +3,28 @@
 `predict_files(model, params, config, patterns, out_dir)` reads every file matching the patterns
 (any size; grayscale, palette, CMYK, 16-bit and RGBA images are converted to RGB, transparency
 composited on white), resizes it like validation images (shorter side `data.val_scale`, longer
-at most `data.val_max_size`), runs the detector one image at a time, and writes into `out_dir`
+at most `data.val_max_size`), pads it to the smallest `data.buckets` side that holds it (an
+image the official resize rule leaves 1 pixel longer than the largest bucket, e.g. 129 px for
+`val_max_size` 128, is padded to a multiple of 64 instead, at the cost of one more compilation),
+runs the detector one image at a time, and writes into `out_dir`
   <stem>.jpg              the image with boxes, class names and scores > threshold
   <stem>_attention.png    (the `num_attention` best detections) the last decoder layer's
                           sampling points on every level, coloured by attention weight
-  detections.json         {'images': [{'file', 'height', 'width', 'detections': [{'label',
-                          'name', 'score', 'query', 'box_xyxy'}], 'attention': [png]}],
+                          (`_attention1.png`, ... for the next ones)
+  detections.json         {'images': [{'file', 'height', 'width', 'output': jpg, 'detections':
+                          [{'label', 'name', 'score', 'query', 'box_xyxy'}], 'attention': [png]}],
                           'skipped': [{'file', 'error'}]}
-An unreadable file is logged by name, listed under 'skipped', and the others still run.
+No file written replaces an input file or any other file already in `out_dir` (compared by
+resolved path and by inode), except the outputs of an earlier run that its detections.json
+lists, so `out_dir` may be the input directory and a rerun replaces its own pictures: an image
+whose names are taken (by such a file, or by the outputs of an earlier image of the same stem)
+is written as <stem>_pred.jpg, <stem>_pred_attention.png, then <stem>_pred2..., and
+detections.json as detections_pred.json, ... when that name is taken.
+An unreadable file is logged by name, listed under 'skipped', and the others still run; when no
+matched file can be read, `errors.InvalidInputError` names the patterns.
 """
 import glob
+import itertools
 import json
 import logging
 import os
@@ -30,6 +42,11 @@ from ddetr_jax.postprocess import postprocess
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
                     ".pgm")
+# The stride of the model's coarsest level (the extra stride-2 convolution on the backbone's
+# stride-32 output when num_feature_levels=4): an input side that is a multiple of it makes every
+# level's padding mask an exact downsample of the input mask, as the configs' buckets (multiples
+# of 64) do. Used for the padded side of an image larger than the largest bucket.
+SIZE_DIVISIBILITY = 64
 
 
 class UnreadableImageError(ValueError):
@@ -57,23 +74,44 @@ def load_image(path: str) -> np.ndarray:
   return pixels
 
 
+def padded_side(height: int, width: int, buckets: Sequence[int]) -> int:
+  """Side of the square input an (height, width) resized image is padded to.
+
+  The smallest bucket >= max(height, width), as `batching.select_bucket`; when none is (the
+  official resize rule can leave the longer side 1 pixel above `max_size`, e.g. 1000x333 ->
+  43x129 for max_size 128), max(height, width) rounded up to a multiple of SIZE_DIVISIBILITY.
+  """
+  longest = max(height, width)
+  if longest <= max(buckets):
+    return batching.select_bucket(height, width, buckets)
+  return -(-longest // SIZE_DIVISIBILITY) * SIZE_DIVISIBILITY
+
+
 def image_batch(image: np.ndarray, config) -> dict:
-  """A one-image batch (see ddetr_jax/data/batching.py) resized like validation images."""
+  """A one-image batch (see ddetr_jax/data/batching.py) resized like validation images.
+
+  image: [H, W, 3] uint8. The batch's `images` are [1, S, S, 3] with S from `padded_side`: a data
+  bucket, or for an image that fits none a larger side (one more compiled shape).
+  """
   record = {"image": image, "boxes": np.zeros((0, 4), np.float32),
             "labels": np.zeros((0,), np.int32), "is_crowd": np.zeros((0,), bool),
             "area": np.zeros((0,), np.float32), "image_id": np.int64(0),
             "orig_size": np.array(image.shape[:2], np.int32)}
   record = transforms.eval_transform(record, scale=config.data.val_scale,
                                      max_size=config.data.val_max_size)
-  batch = batching.collate([record], tuple(config.data.buckets), int(config.data.max_boxes))
+  buckets = tuple(config.data.buckets)
+  side = padded_side(*record["image"].shape[:2], buckets)
+  batch = batching.collate([record], buckets + (side,) * (side not in buckets),
+                           int(config.data.max_boxes))
   batch.pop("num_truncated_boxes", None)
   return batch
 
 
 def expand_patterns(patterns: Sequence[str]) -> list[str]:
-  """Files matching glob patterns (a directory means its image files), sorted, no duplicates."""
+  """Files matching glob patterns (a directory means its image files; `~` is expanded), sorted,
+  no duplicates."""
   files = []
-  for pattern in patterns:
+  for pattern in map(os.path.expanduser, patterns):
     if os.path.isdir(pattern):
       matches = [os.path.join(pattern, n) for n in sorted(os.listdir(pattern))
                  if n.lower().endswith(IMAGE_EXTENSIONS)]
@@ -160,6 +198,78 @@ class Predictor:
     return jax.tree.map(np.asarray, out)
 
 
+def _file_keys(path: str) -> set:
+  """What identifies the file `path` names: its resolved real path and, when it exists, its
+  (device, inode), so that symlinks, hard links and case-insensitive names all match."""
+  keys = {os.path.normcase(os.path.realpath(path))}
+  try:
+    stat = os.stat(path)
+    keys.add((stat.st_dev, stat.st_ino))
+  except OSError:
+    pass
+  return keys
+
+
+def _previous_outputs(out_dir: str) -> set:
+  """Keys (`_file_keys`) of the files an earlier prediction run wrote into `out_dir`, as its
+  detections.json lists them (the json included), so that a new run may replace them."""
+  json_path = os.path.join(out_dir, "detections.json")
+  try:
+    with open(json_path) as f:
+      previous = json.load(f)
+  except (OSError, ValueError):
+    return set()
+  if not (isinstance(previous, dict) and isinstance(previous.get("images"), list)
+          and "skipped" in previous):
+    return set()  # a detections.json this module did not write: the user's.
+  keys = _file_keys(json_path)
+  for entry in previous["images"]:
+    if isinstance(entry, dict):
+      for path in [entry.get("output")] + list(entry.get("attention") or []):
+        if isinstance(path, str):
+          keys |= _file_keys(path)
+  return keys
+
+
+class _OutputNames:
+  """Free output paths in `out_dir`: never an input file, never a file already in `out_dir`
+  other than an earlier run's outputs (`_previous_outputs`), never a path already given out."""
+
+  def __init__(self, out_dir: str, inputs: Sequence[str]):
+    self.out_dir = out_dir
+    self.taken = set()
+    for path in inputs:
+      self.taken |= _file_keys(path)
+    if os.path.isdir(out_dir):
+      replaceable = _previous_outputs(out_dir)
+      for name in os.listdir(out_dir):
+        keys = _file_keys(os.path.join(out_dir, name))
+        if not keys & replaceable:
+          self.taken |= keys
+
+  def _variants(self, stem: str):
+    """stem, stem_pred, stem_pred2, stem_pred3, ..."""
+    yield stem
+    for k in itertools.count(1):
+      yield f"{stem}_pred" + ("" if k == 1 else str(k))
+
+  def claim(self, stem: str, suffixes: Sequence[str]) -> tuple[str, list[str]]:
+    """The first stem variant whose out_dir/<variant><suffix> are all free, and those paths
+    (reserved from now on)."""
+    for variant in self._variants(stem):
+      paths = [os.path.join(self.out_dir, variant + suffix) for suffix in suffixes]
+      keys = [_file_keys(path) for path in paths]
+      if not any(k & self.taken for k in keys):
+        for k in keys:
+          self.taken |= k
+        return variant, paths
+    raise AssertionError("unreachable")
+
+  def written(self, path: str) -> None:
+    """Records a file just written (now with an inode, so an alias of it is taken too)."""
+    self.taken |= _file_keys(path)
+
+
 def predict_files(model, params, config, patterns: Sequence[str], out_dir: str,
                   threshold: Optional[float] = None, num_attention: int = 1,
                   class_names: Optional[Sequence[str]] = None) -> dict:
@@ -170,22 +280,27 @@ def predict_files(model, params, config, patterns: Sequence[str], out_dir: str,
     config: full config (uses data.val_scale, data.val_max_size, data.buckets, data.max_boxes,
       eval.num_top, eval.score_threshold, model.num_classes).
     patterns: files, directories or glob patterns.
-    out_dir: output directory (created).
+    out_dir: output directory (created); may hold the inputs, which are never replaced.
     threshold: score threshold (default config.eval.score_threshold).
     num_attention: sampling-point pictures per image, for its best detections (0: none).
     class_names: names per label id (default: those of config.data's dataset, else numbers).
   Returns:
     the detections.json content.
+  Raises:
+    errors.MissingInputError: no file matches the patterns.
+    errors.InvalidInputError: files match but none of them can be read as an image.
   """
   threshold = float(config.eval.score_threshold if threshold is None else threshold)
   names = list(class_names) if class_names is not None else _class_names(config)
   files = expand_patterns(patterns)
   if not files:
     raise errors.MissingInputError(f"no image files match {list(patterns)}")
-  os.makedirs(out_dir, exist_ok=True)
   predictor = Predictor(model, params, config, with_sampling=num_attention > 0)
+  outputs = _OutputNames(out_dir, files)
+  suffixes = [".jpg"] + [f"_attention{'' if rank == 0 else rank}.png"
+                         for rank in range(num_attention)]
+  buckets = tuple(config.data.buckets)
   summary = {"images": [], "skipped": []}
-  used_stems = set()
   for path in files:
     try:
       image = load_image(path)
@@ -194,6 +309,11 @@ def predict_files(model, params, config, patterns: Sequence[str], out_dir: str,
       summary["skipped"].append({"file": path, "error": str(e)})
       continue
     batch = image_batch(image, config)
+    side = batch["images"].shape[1]
+    if side not in buckets:
+      logging.warning("%s: resized to %dx%d, larger than the largest bucket %d of data.buckets; "
+                      "padded to %dx%d (one more compilation)", path, *batch["size"][0],
+                      max(buckets), side, side)
     out = predictor(batch)
     keep = np.flatnonzero(out["scores"][0] > threshold)
     detections = [{"label": int(out["labels"][0, k]),
@@ -202,18 +322,22 @@ def predict_files(model, params, config, patterns: Sequence[str], out_dir: str,
                    "score": float(out["scores"][0, k]), "query": int(out["query"][0, k]),
                    "box_xyxy": [float(v) for v in out["boxes"][0, k]]} for k in keep]
     stem = os.path.splitext(os.path.basename(path))[0]
-    while stem in used_stems:
-      stem += "_"
-    used_stems.add(stem)
+    new_stem, (picture_path, *attention_paths) = outputs.claim(stem, suffixes)
+    if new_stem != stem:
+      logging.warning("%s: writing its pictures as %s: %s (or its sampling-point pictures) "
+                      "would replace an input file or another image's pictures", path,
+                      picture_path, os.path.join(out_dir, f"{stem}.jpg"))
     picture = visualize.draw_detections(image, out["boxes"][0], out["labels"][0], out["scores"][0],
                                         names, threshold)
-    picture.save(os.path.join(out_dir, f"{stem}.jpg"), quality=92)
+    os.makedirs(out_dir, exist_ok=True)
+    picture.save(picture_path, quality=92)
+    outputs.written(picture_path)
     entry = {"file": path, "height": int(image.shape[0]), "width": int(image.shape[1]),
-             "output": os.path.join(out_dir, f"{stem}.jpg"), "detections": detections}
+             "output": picture_path, "detections": detections}
     for rank in range(min(num_attention, len(keep) if len(keep) else 1)):
       query = int(out["query"][0, rank])
       label = int(out["labels"][0, rank])
-      attention_path = os.path.join(out_dir, f"{stem}_attention{'' if rank == 0 else rank}.png")
+      attention_path = attention_paths[rank]
       name = names[label] if label < len(names) else str(label)
       visualize.plot_sampling_points(
           image, out["sampling_locations"][0, query], out["attention_weights"][0, query],
@@ -221,9 +345,19 @@ def predict_files(model, params, config, patterns: Sequence[str], out_dir: str,
           box=out["boxes"][0, rank],
           title=f"{os.path.basename(path)}: {name} {float(out['scores'][0, rank]):.2f} "
                 f"(query {query}), last decoder layer sampling points")
+      outputs.written(attention_path)
       entry.setdefault("attention", []).append(attention_path)
     summary["images"].append(entry)
-  with open(os.path.join(out_dir, "detections.json"), "w") as f:
+  if not summary["images"]:
+    raise errors.InvalidInputError(
+        f"none of the files matching {list(patterns)} could be read as an image "
+        f"({len(files)} skipped, first: {summary['skipped'][0]['error']}); pass image files or "
+        f"a directory of images")
+  _, (json_path,) = outputs.claim("detections", [".json"])
+  if os.path.basename(json_path) != "detections.json":
+    logging.warning("%s is an input file; the detections are written to %s",
+                    os.path.join(out_dir, "detections.json"), json_path)
+  with open(json_path, "w") as f:
     json.dump(summary, f, indent=1)
   logging.info("wrote %d annotated images to %s (%d skipped)", len(summary["images"]), out_dir,
                len(summary["skipped"]))

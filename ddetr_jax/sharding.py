@@ -49,7 +49,11 @@ def check_batch_divisible(global_batch_size: int, mesh: Mesh,
     what: the config key named in the error.
   """
   num_devices = mesh.shape[DATA_AXIS]
-  if global_batch_size <= 0 or global_batch_size % num_devices:
+  if global_batch_size <= 0:
+    raise errors.InvalidInputError(
+        f"{what}={global_batch_size}: the batch needs at least one image per device; use a "
+        f"positive multiple of the number of devices {num_devices}")
+  if global_batch_size % num_devices:
     raise errors.InvalidInputError(
         f"{what}={global_batch_size} is not divisible by the number of devices {num_devices} "
         f"(mesh axis '{DATA_AXIS}' over {jax.process_count()} process(es)); use a multiple of "

@@ -26,9 +26,12 @@ saved after it); SIGTERM (preemption) saves a checkpoint at the current step and
 (checkpoint at the last step) evaluates only if metrics.jsonl has no eval row for that step;
 otherwise it returns the stored metrics.
 """
+import fcntl
 import logging
 import math
 import os
+import re
+import shlex
 import signal
 import time
 from typing import Any, Callable, Mapping, Optional
@@ -44,6 +47,7 @@ from jax.sharding import Mesh
 
 from ddetr_jax import checkpoint as checkpoint_lib
 from ddetr_jax import data as data_lib
+from ddetr_jax import errors
 from ddetr_jax import evaluator
 from ddetr_jax import grouped_adamw
 from ddetr_jax import losses
@@ -133,7 +137,12 @@ def init_params(model, config, rng: jax.Array, mesh) -> Any:
 
 
 def abstract_params(model, config) -> Any:
-  """The params tree as ShapeDtypeStructs (no computation)."""
+  """The params tree as ShapeDtypeStructs (no computation).
+
+  This is the first trace of the model, where its modules check the values `config.model`
+  gave them (a ResNet depth, a sampler impl, a hidden size GroupNorm cannot split) and raise
+  errors.InvalidInputError for one they cannot use.
+  """
   image_shape, mask_shape = _init_shapes(config)
   return jax.eval_shape(
       lambda key: model.init(key, jnp.zeros(image_shape, jnp.float32),
@@ -141,30 +150,72 @@ def abstract_params(model, config) -> Any:
       jax.random.PRNGKey(0))
 
 
+_CLASS_HEAD = re.compile(r"class_embed(_\d+)?/")
+
+
+def _read_torch_init_checkpoint(path: str, config) -> dict:
+  """Flax params from a PyTorch file, converted at the checkpoint's own number of classes.
+
+  The conversion checks every shape against the model `config` builds; a checkpoint trained on
+  another label set (COCO's 91 classes, fine-tuning on K) differs from it only in the class
+  heads, so it is converted with `config.model.num_classes` set to the checkpoint's count and
+  `load_init_checkpoint` then leaves those heads freshly initialised.
+  """
+  from ddetr_jax import convert  # pylint: disable=g-import-not-at-top
+  state_dict = convert.read_state_dict(path)
+  convert_config = config
+  try:
+    official, _ = convert.to_official_names(state_dict)
+    bias = official.get("class_embed.0.bias")
+    if bias is not None and bias.shape[0] != config.model.num_classes:
+      convert_config = config.copy_and_resolve_references()
+      convert_config.model.num_classes = int(bias.shape[0])
+    return convert.params_from_state_dict(state_dict, convert_config)
+  except convert.CheckpointError as e:
+    raise convert.with_path(e, path) from None
+
+
 def load_init_checkpoint(path: str, config, params: Any) -> Any:
   """Fine-tuning start: `params` with every leaf found in the checkpoint at `path` replaced.
 
   Args:
-    path: an orbax params checkpoint (`evaluator.load_params` layouts; full model, or partial
-      such as {'backbone': ...} or a bare ResNet tree) or a PyTorch file (.pth/.pt/.bin, via
-      `ddetr_jax.convert.load_torch_params`).
+    path: an orbax params checkpoint folder (`evaluator.load_params` layouts; full model, or
+      partial such as {'backbone': ...} or a bare ResNet tree) or a PyTorch or safetensors file
+      (any name, e.g. .pth, .pth.tar, .ckpt, .bin, .safetensors; read by `ddetr_jax.convert`).
     config: the full config (for the torch conversion).
     params: the freshly initialised params; leaves absent from the checkpoint keep these values.
 
+  The classification heads (`class_embed*`) of a checkpoint with another number of classes than
+  `config.model.num_classes` are not loaded: they keep their fresh initialisation (the usual
+  DETR fine-tuning on a new label set), and the log says so.
+
   Raises:
-    ValueError naming every checkpoint parameter that the model lacks or has with another shape.
+    errors.InvalidInputError (a ValueError) naming every checkpoint parameter that the model
+    lacks or has with another shape (other than those class heads).
   """
-  if path.endswith((".pth", ".pt", ".bin")):
-    from ddetr_jax import convert  # pylint: disable=g-import-not-at-top
-    loaded = convert.load_torch_params(path, config)
+  if os.path.isfile(path):  # orbax checkpoints are folders.
+    loaded = _read_torch_init_checkpoint(path, config)
   else:
     loaded = evaluator.load_params(path)
   if "backbone" not in loaded and "conv1" in loaded:  # a bare backbone checkpoint.
     loaded = {"backbone": loaded}
-  checkpoint_lib.check_tree_fits(params, loaded, f"train.init_checkpoint {path!r}",
-                                 allow_missing=True)
+  want = checkpoint_lib.flat_shapes(params)
   flat_loaded = {checkpoint_lib.param_path(p): v
                  for p, v in jax.tree_util.tree_flatten_with_path(loaded)[0]}
+  other_classes = sorted(k for k, v in flat_loaded.items()
+                         if _CLASS_HEAD.match(k) and k in want and np.shape(v) != want[k])
+  class_note = ""
+  if other_classes:
+    counts = sorted({np.shape(flat_loaded[k])[-1] for k in other_classes})
+    class_note = (f"; its class heads ({len(other_classes)} arrays, {'/'.join(map(str, counts))} "
+                  f"classes) do not match config.model.num_classes={config.model.num_classes} "
+                  f"and keep their fresh initialisation")
+    loaded = jax.tree_util.tree_map_with_path(
+        lambda p, v: None if checkpoint_lib.param_path(p) in other_classes else v, loaded)
+    for key in other_classes:
+      del flat_loaded[key]
+  checkpoint_lib.check_tree_fits(params, loaded, f"train.init_checkpoint {path!r}",
+                                 allow_missing=True)
   count = [0, 0]
 
   def pick(path, value):
@@ -177,25 +228,34 @@ def load_init_checkpoint(path: str, config, params: Any) -> Any:
 
   merged = jax.tree_util.tree_map_with_path(pick, params)
   _announce(f"init_checkpoint {path}: loaded {count[0]} arrays, kept {count[1]} freshly "
-            f"initialised")
+            f"initialised{class_note}")
   return merged
 
 
 class _Preemption:
-  """Records SIGTERM; `requested(step)` is agreed by all processes (checked every `every` steps)."""
+  """Records SIGTERM and a first Ctrl-C (SIGINT); `requested(step)` is agreed by all processes
+  (checked every `every` steps). A second Ctrl-C interrupts at once (KeyboardInterrupt)."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self, every: int):
     self.flag = False
     self.every = max(1, every)
-    self._previous = None
+    self._previous = {}
     try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      for signum in self.SIGNALS:
+        self._previous[signum] = signal.signal(signum, self._handle)
     except ValueError:  # not the main thread: no signal handling.
-      self._previous = None
+      pass
 
   def _handle(self, signum, frame):
-    del signum, frame
-    logging.warning("SIGTERM received: saving a checkpoint and stopping")
+    del frame
+    if signum == signal.SIGINT:
+      _announce("interrupted (Ctrl-C): saving a checkpoint after this step, then stopping; "
+                "Ctrl-C again stops at once")
+      signal.signal(signal.SIGINT, self._previous.get(signal.SIGINT, signal.default_int_handler))
+    else:
+      logging.warning("SIGTERM received: saving a checkpoint and stopping")
     self.flag = True
 
   def requested(self, step: int) -> bool:
@@ -207,8 +267,14 @@ class _Preemption:
     return bool(np.any(flags))
 
   def restore(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      if previous is not None:
+        signal.signal(signum, previous)
+
+
+def _now() -> float:
+  """Seconds on a monotonic clock (the throughput windows; a function so tests can drive it)."""
+  return time.monotonic()
 
 
 def _announce(message: str) -> None:
@@ -270,7 +336,7 @@ def final_summary(workdir: str, result: Mapping[str, Any]) -> str:
   if metrics:
     lines.append("metrics:     " + ", ".join(metrics))
   if os.path.isdir(path("tensorboard")):
-    lines.append(f"tensorboard: tensorboard --logdir {path('tensorboard')}")
+    lines.append(f"tensorboard: tensorboard --logdir {shlex.quote(path('tensorboard'))}")
   lines.append(f"checkpoints: {path('checkpoints')}")
   return "\n".join(lines)
 
@@ -287,18 +353,60 @@ def train_and_evaluate(config, workdir: str, mesh: Optional[Mesh] = None) -> dic
     the last evaluation's metrics (AP, AP50, ... from evaluator.evaluate, or for a complete
     run started again those of its eval row in metrics.jsonl) plus `step` and `train_loss` (mean
     loss of the last logging window; nan if no step was trained); {"step", "preempted": True}
-    when stopped by SIGTERM.
+    when stopped by SIGTERM or Ctrl-C.
+
+  Process 0 holds an exclusive lock on WORKDIR/.train.lock for the run: a second run started on
+  the same workdir stops with errors.InvalidInputError naming the first one's pid.
   """
   workdir = os.path.abspath(workdir)
   is_main = jax.process_index() == 0
-  if is_main:
-    os.makedirs(workdir, exist_ok=True)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise errors.InvalidInputError(f"workdir {workdir!r} is a file, not a folder")
+  if not is_main:
+    return _train_and_evaluate(config, workdir, mesh)
+  os.makedirs(workdir, exist_ok=True)
+  lock = _lock_workdir(workdir)
+  try:
+    return _train_and_evaluate(config, workdir, mesh)
+  finally:
+    os.close(lock)  # releases the lock.
+
+
+LOCK_FILE = ".train.lock"
+
+
+def _lock_workdir(workdir: str) -> int:
+  """An open descriptor of WORKDIR/.train.lock, exclusively locked (flock) and holding our pid.
+
+  Raises:
+    errors.InvalidInputError naming the pid of the run that holds the lock.
+  """
+  fd = os.open(os.path.join(workdir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError:  # BlockingIOError: another open file holds it.
+    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+    os.close(fd)
+    raise errors.InvalidInputError(
+        f"workdir {workdir!r} is in use by another training run (pid {holder}); wait for it or "
+        f"stop it, or use another --workdir") from None
+  os.ftruncate(fd, 0)
+  os.pwrite(fd, str(os.getpid()).encode(), 0)
+  return fd
+
+
+def _train_and_evaluate(config, workdir: str, mesh: Optional[Mesh]) -> dict:
+  """`train_and_evaluate` once the workdir exists (and is locked by process 0)."""
+  is_main = jax.process_index() == 0
   tc = config.train
   mesh = sharding_lib.make_mesh() if mesh is None else mesh
   global_batch = int(tc.global_batch_size)
   sharding_lib.check_batch_divisible(global_batch, mesh, "train.global_batch_size")
 
   steps_per_epoch = _steps_per_epoch(config)
+  eval_every = int(tc.get("eval_every", -1))
+  if eval_every != 0:
+    data_lib.check_image_files(config, "val")  # now, not at the first evaluation.
   num_steps = int(tc.num_train_steps) if tc.num_train_steps > 0 else int(tc.epochs) * steps_per_epoch
   accum = int(config.optim.get("grad_accum_steps", 1) or 1)
   lr_schedule = optim.learning_rate_schedule(config.optim.lr, config.optim.lr_drop,
@@ -340,9 +448,10 @@ def train_and_evaluate(config, workdir: str, mesh: Optional[Mesh] = None) -> dic
       make_train_step(model, tx, config.loss, int(config.model.num_classes),
                       bool(config.optim.get("freeze_stem", True))), mesh, state)
   writer = metric_writer.MetricWriter(workdir, enabled=is_main)
+  if latest is not None:
+    writer.resume_at(start_step)  # the steps after the checkpoint are logged again.
   log_every = max(1, int(tc.log_every))
   checkpoint_every = int(tc.checkpoint_every)
-  eval_every = int(tc.get("eval_every", -1))
   preemption = _Preemption(log_every)
   last_eval: dict = {}
   window: dict = {}
@@ -363,13 +472,16 @@ def train_and_evaluate(config, workdir: str, mesh: Optional[Mesh] = None) -> dic
     writer.plot()
 
   try:
-    pending = None  # (step number after the update, device metrics): checked one step late.
-    window_start, window_steps = time.time(), 0
+    # (step number after the update, device metrics, _now() when train_step returned): checked
+    # one step late. The window's time runs between those return times, never between
+    # fetches: with synchronous dispatch a fetch one step late comes a whole step after its
+    # step ended, except where a save or an eval forces it at once.
+    pending = None
+    window_start, window_steps = _now(), 0
 
-    def check(step_done: int, device_metrics) -> None:
+    def check(step_done: int, device_metrics, returned: float) -> None:
       nonlocal window, window_start, window_steps, window_loss
       host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
-      fetched = time.time()  # step `step_done` has finished.
       if not all(math.isfinite(v) for v in host.values()):
         manager.wait()  # a save still in flight counts as written.
         latest = manager.latest_step()
@@ -382,7 +494,7 @@ def train_and_evaluate(config, workdir: str, mesh: Optional[Mesh] = None) -> dic
         window[k] = window.get(k, 0.0) + v
       window_steps += 1
       if step_done % log_every == 0 or step_done == num_steps:
-        elapsed = max(fetched - window_start, 1e-9)
+        elapsed = max(returned - window_start, 1e-9)
         scalars = {k: v / window_steps for k, v in window.items()}
         scalars["lr"] = float(lr_schedule((step_done - 1) // accum))
         scalars["images_per_sec"] = window_steps * global_batch / elapsed
@@ -390,14 +502,15 @@ def train_and_evaluate(config, workdir: str, mesh: Optional[Mesh] = None) -> dic
         writer.write(step_done, "train", scalars)
         progress.set_postfix(loss=f"{scalars['loss']:.4f}", lr=f"{scalars['lr']:.2e}",
                              img_s=f"{scalars['images_per_sec']:.1f}", refresh=False)
-        window, window_steps, window_start = {}, 0, fetched
+        window, window_steps, window_start = {}, 0, returned
 
     for step in range(start_step, num_steps):
       batch = next(iterator)
       state, metrics = train_step(state, {k: batch[k] for k in data_lib.DEVICE_KEYS})
+      returned = _now()
       if pending is not None:
         check(*pending)
-      pending = (step + 1, metrics)
+      pending = (step + 1, metrics, returned)
       progress.update(1)
       step_done = step + 1
       stop = preemption.requested(step_done)
@@ -408,10 +521,16 @@ def train_and_evaluate(config, workdir: str, mesh: Optional[Mesh] = None) -> dic
         save(step_done)
       if stop:
         manager.wait()
-        _announce(f"preempted: checkpoint saved at step {step_done} in {manager.directory}")
+        _announce(f"stopped (a signal): checkpoint saved at step {step_done} in "
+                  f"{manager.directory}")
         return {"step": step_done, "preempted": True}
       if eval_every > 0 and step_done % eval_every == 0 and step_done != num_steps:
+        if pending is not None:
+          check(*pending)
+          pending = None
+        eval_start = _now()
         run_eval(step_done)
+        window_start += _now() - eval_start  # images/s counts training time only.
     if pending is not None:
       check(*pending)
     progress.close()

@@ -11,6 +11,7 @@ import torch
 
 from configs import tiny
 from ddetr_jax import convert
+from ddetr_jax import errors
 from tests.test_model_hf_reference import build_hf_model
 
 
@@ -146,6 +147,7 @@ def _error(state_dict, config) -> str:
 def test_wrong_variant_is_named(hf_models):
   msg = _error(hf_models["box_refine"].state_dict(), tiny.get_config("default"))
   assert "fits variant 'box_refine'" in msg
+  assert "\n" not in msg and "not config variant 'default'" in msg  # one line, no key lists.
   msg = _error(hf_models["default"].state_dict(), tiny.get_config("box_refine"))
   assert "fits variant 'default'" in msg
   two_stage = build_hf_model(tiny.get_config("two_stage").model).state_dict()
@@ -178,6 +180,67 @@ def test_truncated_file(hf_models, tmp_path):
   bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
   with pytest.raises(convert.CheckpointError, match="not a readable safetensors"):
     convert.load_torch_params(str(bad), tiny.get_config("default"))
+
+
+@pytest.mark.parametrize("name,content,why", [
+    ("garbage.pth", b"garbage", "not a pickle; it starts with b'garbage'"),
+    ("random.bin", np.random.default_rng(0).bytes(4096), "neither a zip archive nor a legacy"),
+    ("empty.pth", b"", "the file is empty"),
+    ("model.bin", b"\x10\x00\x00\x00\x00\x00\x00\x00" + b'{"a": 1}', "looks like a safetensors"),
+])
+def test_file_that_is_not_a_torch_checkpoint_says_so(tmp_path, name, content, why):
+  path = tmp_path / name
+  path.write_bytes(content)
+  with pytest.raises(convert.CheckpointError) as e:
+    convert.read_state_dict(str(path))
+  msg = str(e.value)
+  assert msg.startswith(f"{path}: not a PyTorch checkpoint: ") and why in msg, msg
+  assert "refusing" not in msg and "\n" not in msg
+
+
+def test_zip_without_torch_data_says_so(tmp_path):
+  import zipfile
+  path = tmp_path / "archive.pth"
+  with zipfile.ZipFile(path, "w") as archive:
+    archive.writestr("notes.txt", "hello")
+  with pytest.raises(convert.CheckpointError, match=re.escape(f"{path}: not a PyTorch checkpoint: it "
+                                                              "is a zip archive without the data.pkl")):
+    convert.read_state_dict(str(path))
+
+
+class _NotATensor:
+  def __init__(self):
+    self.lr = 0.1
+
+
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_checkpoint_holding_an_object_is_refused_with_its_class(tmp_path, zip_format):
+  path = tmp_path / "with_object.pth"
+  torch.save({"model": {"x": torch.zeros(1)}, "scheduler": _NotATensor()}, path,
+             _use_new_zipfile_serialization=zip_format)
+  with pytest.raises(convert.CheckpointError) as e:
+    convert.read_state_dict(str(path))
+  msg = str(e.value)
+  assert msg.startswith(f"{path}: refusing to load: the file holds objects other than tensors"), msg
+  assert "GLOBAL tests.test_convert._NotATensor was not an allowed global" in msg and "\n" not in msg
+
+
+def test_legacy_format_truncated_is_corrupt_not_foreign(tmp_path):
+  path = tmp_path / "legacy.pth"
+  torch.save({"x": torch.zeros(100)}, path, _use_new_zipfile_serialization=False)
+  np.testing.assert_array_equal(convert.read_state_dict(str(path))["x"], np.zeros(100))
+  path.write_bytes(path.read_bytes()[:200])
+  with pytest.raises(convert.CheckpointError, match=re.escape(str(path)) + ": not a readable PyTorch "
+                     r"checkpoint \(truncated or corrupt\?\)"):
+    convert.read_state_dict(str(path))
+
+
+def test_missing_checkpoint_and_folder(tmp_path):
+  with pytest.raises(convert.MissingCheckpointError, match="no such checkpoint file") as e:
+    convert.load_torch_params(str(tmp_path / "nope.pth"), tiny.get_config("default"))
+  assert isinstance(e.value, errors.MissingInputError) and isinstance(e.value, FileNotFoundError)
+  with pytest.raises(convert.CheckpointError, match=re.escape(f"{tmp_path}: is a folder")):
+    convert.read_state_dict(str(tmp_path))
 
 
 class _Malicious:
@@ -213,3 +276,164 @@ def test_cli_writes_orbax_checkpoint(hf_models, tmp_path):
   import orbax.checkpoint as ocp
   restored = ocp.StandardCheckpointer().restore(str(out))
   _assert_same_params(restored["params"], convert.params_from_hf_state_dict(sd, config))
+
+
+# ----------------------------------------------------------------------------- --out, --overwrite
+
+def _small_params(value: float) -> dict:
+  return {"backbone": {"conv1": {"kernel": np.full((3, 2), value, np.float32)}}}
+
+
+def _restored(path) -> dict:
+  import orbax.checkpoint as ocp
+  return ocp.StandardCheckpointer().restore(str(path))["params"]
+
+
+def test_save_params_into_new_or_empty_folder(tmp_path):
+  convert.save_params(_small_params(1.0), str(tmp_path / "a" / "new"))
+  _assert_same_params(_restored(tmp_path / "a" / "new"), _small_params(1.0))
+  (tmp_path / "empty").mkdir()
+  convert.save_params(_small_params(2.0), str(tmp_path / "empty"))
+  _assert_same_params(_restored(tmp_path / "empty"), _small_params(2.0))
+
+
+def test_overwrite_replaces_only_a_converted_checkpoint(tmp_path):
+  out = tmp_path / "converted"
+  convert.save_params(_small_params(1.0), str(out))
+  with pytest.raises(errors.InvalidInputError, match=re.escape(f"{out}: the folder exists and is not "
+                                                               "empty") + ".*--overwrite"):
+    convert.save_params(_small_params(2.0), str(out))
+  _assert_same_params(_restored(out), _small_params(1.0))
+  convert.save_params(_small_params(2.0), str(out), overwrite=True)
+  _assert_same_params(_restored(out), _small_params(2.0))
+  link = tmp_path / "link"
+  link.symlink_to(out)  # through a symbolic link: the folder it points to is replaced.
+  convert.save_params(_small_params(3.0), str(link), overwrite=True)
+  assert link.is_symlink()
+  _assert_same_params(_restored(out), _small_params(3.0))
+
+
+def _files(folder) -> dict:
+  return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _orbax_checkpoint(path, tree):
+  import orbax.checkpoint as ocp
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(str(path), tree)
+  checkpointer.wait_until_finished()
+
+
+@pytest.mark.parametrize("kind,why", [
+    ("workdir", "it holds checkpoints/, notes.txt"),
+    ("checkpoint_and_notes", "it holds notes.txt"),
+    ("params_not_under_params", "its tree is ['backbone']"),
+    ("no_checkpoint_metadata", "it has no orbax _CHECKPOINT_METADATA file"),
+])
+def test_folder_with_other_content_is_never_deleted(tmp_path, kind, why):
+  out = tmp_path / "out"
+  if kind == "workdir":
+    (out / "checkpoints" / "100").mkdir(parents=True)
+    (out / "checkpoints" / "100" / "_CHECKPOINT_METADATA").write_text("{}")
+    (out / "notes.txt").write_text("my training run")
+  elif kind == "checkpoint_and_notes":
+    convert.save_params(_small_params(1.0), str(out))
+    (out / "notes.txt").write_text("keep me")
+  elif kind == "params_not_under_params":  # e.g. the params item of a training step.
+    _orbax_checkpoint(out, _small_params(1.0))
+  else:
+    convert.save_params(_small_params(1.0), str(out))
+    (out / "_CHECKPOINT_METADATA").unlink()
+  before = _files(out)
+  for overwrite in (False, True):
+    with pytest.raises(errors.InvalidInputError) as e:
+      convert.save_params(_small_params(2.0), str(out), overwrite=overwrite)
+    assert str(e.value).startswith(f"{out}: ") and "\n" not in str(e.value)
+  assert "not replaced, even with --overwrite" in str(e.value) and why in str(e.value), str(e.value)
+  assert _files(out) == before
+
+
+def test_out_naming_a_file_is_refused(tmp_path):
+  out = tmp_path / "params.msgpack"
+  out.write_bytes(b"data")
+  for overwrite in (False, True):
+    with pytest.raises(errors.InvalidInputError, match=re.escape(f"{out}: is a file, not a folder")):
+      convert.check_out_dir(str(out), overwrite)
+  assert out.read_bytes() == b"data"
+
+
+def test_out_that_resolves_to_an_existing_folder_is_judged_by_it(tmp_path, monkeypatch):
+  """'' and 'missing/..' name the current folder once resolved: it is refused, not emptied."""
+  (tmp_path / "mine.txt").write_text("keep me")
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(errors.InvalidInputError, match=r"--out is empty"):
+    convert.save_params(_small_params(2.0), "", overwrite=True)
+  for overwrite in (False, True):
+    with pytest.raises(errors.InvalidInputError,
+                       match=re.escape(f"missing/.. (= {tmp_path})") + r": (the folder exists|not "
+                             r"replaced)"):
+      convert.save_params(_small_params(2.0), "missing/..", overwrite=overwrite)
+  assert sorted(os.listdir(tmp_path)) == ["mine.txt"]
+  assert (tmp_path / "mine.txt").read_text() == "keep me"
+
+
+def _run_cli(*args):
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "ddetr_jax.convert", *map(str, args)],
+                        cwd=root, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_out_and_overwrite(hf_models, tmp_path):
+  config_arg = "--config=configs/tiny.py:default"
+  sd = hf_models["default"].state_dict()
+  path = tmp_path / "hf.bin"
+  torch.save(sd, path)
+  out = tmp_path / "converted"
+  ok = _run_cli(f"--torch_checkpoint={path}", config_arg, f"--out={out}")
+  assert ok.returncode == 0, ok.stderr[-3000:]
+  assert ok.stdout.startswith(f"converted {path} (huggingface, ")
+  assert not re.search(r"^I\d{4} ", ok.stderr, re.M), ok.stderr[:3000]  # orbax's INFO logs quiet.
+
+  doubled = tmp_path / "doubled.bin"
+  torch.save({k: v * 2 for k, v in sd.items()}, doubled)
+  refused = _run_cli(f"--torch_checkpoint={doubled}", config_arg, f"--out={out}")
+  assert refused.returncode == 2
+  assert refused.stderr.startswith(f"error: {out}: the folder exists and is not empty")
+  assert refused.stderr.count("\n") == 1 and "--overwrite" in refused.stderr
+  _assert_same_params(_restored(out), convert.params_from_hf_state_dict(sd, tiny.get_config("default")))
+  replaced = _run_cli(f"--torch_checkpoint={doubled}", config_arg, f"--out={out}", "--overwrite")
+  assert replaced.returncode == 0, replaced.stderr[-3000:]
+  _assert_same_params(_restored(out), convert.params_from_hf_state_dict(
+      {k: v * 2 for k, v in sd.items()}, tiny.get_config("default")))
+
+  workdir = tmp_path / "workdir"
+  (workdir / "checkpoints").mkdir(parents=True)
+  (workdir / "checkpoints" / "metrics.jsonl").write_text("{}\n")
+  kept = _run_cli(f"--torch_checkpoint={path}", config_arg, f"--out={workdir}", "--overwrite")
+  assert kept.returncode == 2
+  assert kept.stderr == (f"error: {workdir}: not replaced, even with --overwrite: it is not a "
+                         "checkpoint written by ddetr_jax.convert (it holds checkpoints/); name a "
+                         "new folder\n"), kept.stderr
+  assert (workdir / "checkpoints" / "metrics.jsonl").read_text() == "{}\n"
+
+
+def test_cli_user_errors_are_one_line(hf_models, tmp_path):
+  box_refine = tmp_path / "box_refine.bin"
+  torch.save(hf_models["box_refine"].state_dict(), box_refine)
+  garbage = tmp_path / "garbage.safetensors"
+  garbage.write_text("garbage")
+  out = tmp_path / "out"
+  for checkpoint, message in [
+      (tmp_path / "nope.pth", "no such checkpoint file"),
+      (garbage, "not a readable safetensors file"),
+      (box_refine, "the checkpoint fits variant 'box_refine'"),
+  ]:
+    run = _run_cli(f"--torch_checkpoint={checkpoint}", "--config=configs/tiny.py:default", f"--out={out}")
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert run.stderr.startswith(f"error: {checkpoint}: ") and message in run.stderr, run.stderr
+    assert run.stderr.count("\n") == 1, run.stderr
+  assert not out.exists()
+  no_config = _run_cli(f"--torch_checkpoint={box_refine}", f"--out={out}")
+  assert no_config.returncode != 0 and "Traceback" not in no_config.stderr
+  assert "Flag --config must have a value other than None" in no_config.stderr, no_config.stderr

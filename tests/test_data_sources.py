@@ -9,6 +9,7 @@ from PIL import Image
 
 from configs import tiny
 from ddetr_jax import data
+from ddetr_jax import errors
 from ddetr_jax.data import coco_folder
 from ddetr_jax.data import shapes
 
@@ -144,12 +145,46 @@ def test_malformed_annotation_json_names_file_and_record(tmp_path, text, match):
     coco_folder.CocoFolderSource(str(tmp_path / "ann.json"), str(tmp_path / "images"))
 
 
-def test_missing_image_raises_with_file_and_record(tmp_path):
+def test_reading_a_coco_folder_prints_nothing_on_stdout(tmp_path, capsys):
+  ann_file, image_dir = _write_folder(tmp_path, _ANNS)
+  source = coco_folder.CocoFolderSource(ann_file, image_dir)
+  gt = data.coco_ground_truth(_folder_config(ann_file, image_dir).data, "val")
+  assert len(source) == 2 and len(gt.getImgIds()) == 2
+  assert capsys.readouterr().out == ""
+
+
+def test_missing_image_is_a_user_error_at_start_naming_the_files(tmp_path):
   ann_file, image_dir = _write_folder(tmp_path, _ANNS)
   os.remove(os.path.join(image_dir, "b.png"))
-  iterator = data.make_train_iterator(_folder_config(ann_file, image_dir))
-  with pytest.raises(FileNotFoundError, match=r"b\.png.*record 1 \(image_id 20\)"):
-    next(iterator)
+  with pytest.raises(errors.MissingInputError,
+                     match=r"1 of the 2 image files that .*ann.* names are not in the image "
+                           r"directory .*: \['b\.png'\]"):
+    data.make_train_iterator(_folder_config(ann_file, image_dir))
+
+
+def test_missing_validation_image_is_reported_when_training_starts(tmp_path):
+  import jax  # pylint: disable=g-import-not-at-top
+  from ddetr_jax import sharding, trainer  # pylint: disable=g-import-not-at-top
+  train_dir = tmp_path / "train"
+  train_dir.mkdir()
+  train_ann, train_images = _write_folder(train_dir, _ANNS)
+  val_ann, val_images = _write_folder(tmp_path, _ANNS)
+  os.remove(os.path.join(val_images, "a.png"))
+  config = _folder_config(train_ann, train_images)
+  config.data.val_ann_file, config.data.val_image_dir = val_ann, val_images
+  config.train.eval_every = -1  # only at the end, after all the training.
+  with pytest.raises(errors.MissingInputError, match=r"1 of the 2 image files .*\['a\.png'\]"):
+    trainer.train_and_evaluate(config, str(tmp_path / "work"),
+                               mesh=sharding.make_mesh(jax.devices()[:1]))
+  assert not os.path.exists(tmp_path / "work" / "checkpoints")  # stopped before any training.
+
+
+def test_image_removed_during_a_run_raises_with_file_and_record(tmp_path):
+  ann_file, image_dir = _write_folder(tmp_path, _ANNS)
+  source = coco_folder.CocoFolderSource(ann_file, image_dir)
+  os.remove(os.path.join(image_dir, "b.png"))
+  with pytest.raises(errors.MissingInputError, match=r"b\.png.*record 1 \(image_id 20\)"):
+    source[1]
 
 
 def test_corrupt_image_is_skipped_counted_or_raises_when_strict(tmp_path):

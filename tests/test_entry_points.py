@@ -2,6 +2,7 @@
 overrides, a checkpoint of another config, missing inputs, a batch the devices cannot split) are
 one `error: ...` line with exit status 2; other exceptions keep their traceback; eval.py shows
 orbax's INFO logs only with --verbosity."""
+import json
 import os
 import re
 import subprocess
@@ -104,6 +105,95 @@ def test_train_with_a_batch_the_devices_cannot_split_is_a_user_error(tmp_path):
   run = _run("train.py", "--config", TINY, "--config.train.global_batch_size=8",
              "--workdir", str(tmp_path), xla_flags="--xla_force_host_platform_device_count=3")
   _assert_user_error(run, "global_batch_size=8", "number of devices 3")
+
+
+@pytest.mark.parametrize("config,overrides,fragments", [
+    ("configs/missing.py", (), ("--config configs/missing.py: no such config file",)),
+    ("configs/tiny.py:nope", (), ("--config configs/tiny.py:nope: unknown variant 'nope'",)),
+    (TINY, ("--config.train.num_train_steps.x=1",),
+     ("config.train.num_train_steps is a value (int), not a section",)),
+    (TINY, ("--config.model.attention_impl=fast",),
+     ("config.model.attention_impl) must be one of", "'fast'")),
+    (TINY, ("--config.model.backbone_depth=42",), ("backbone_depth must be one of", "got 42")),
+    (TINY, ("--config.model.hidden_dim=48",), ("hidden_dim must be a multiple of 32", "48")),
+])
+def test_bad_config_file_variant_or_value_is_a_user_error(tmp_path, config, overrides, fragments):
+  workdir = tmp_path / "work"
+  run = _run("train.py", "--config", config, *overrides, "--workdir", str(workdir))
+  _assert_user_error(run, *fragments)
+  if not config.startswith(REPO):  # rejected before anything ran: no workdir left behind.
+    assert not workdir.exists()
+
+
+def test_config_file_refusing_its_variant_is_a_user_error_but_a_bug_in_it_is_not(tmp_path):
+  (tmp_path / "by_key.py").write_text(textwrap.dedent("""
+      import ml_collections
+      SIZES = {"small": 1}
+      def get_config(variant="small"):
+        return ml_collections.ConfigDict({"size": SIZES[variant]})
+  """))
+  (tmp_path / "buggy.py").write_text(textwrap.dedent("""
+      import ml_collections
+      def get_config():
+        return ml_collections.ConfigDict({"size": int("12 px")})
+  """))
+  refused = _run("train.py", "--config", f"{tmp_path / 'by_key.py'}:large",
+                 "--workdir", str(tmp_path / "w1"))
+  _assert_user_error(refused, "by_key.py:large: get_config('large') raised KeyError 'large'")
+  buggy = _run("train.py", "--config", str(tmp_path / "buggy.py"), "--workdir", str(tmp_path / "w2"))
+  assert buggy.returncode not in (0, 2), buggy.stderr[-2000:]
+  assert "Traceback" in buggy.stderr and "invalid literal for int()" in buggy.stderr
+
+
+def test_strict_training_on_a_corrupt_image_is_a_user_error_naming_it(tmp_path):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  images = tmp_path / "images"
+  images.mkdir()
+  for i in range(1, 5):
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(images / f"{i}.png")
+  with open(images / "3.png", "r+b") as f:
+    f.truncate(60)  # PIL opens the header but cannot decode it.
+  ann = tmp_path / "ann.json"
+  ann.write_text(json.dumps({
+      "images": [{"id": i, "file_name": f"{i}.png", "width": 40, "height": 30}
+                 for i in range(1, 5)],
+      "annotations": [{"id": i, "image_id": i, "category_id": 1, "bbox": [1, 1, 9, 9]}
+                      for i in range(1, 5)],
+      "categories": [{"id": 1, "name": "thing"}]}))
+  run = _run("train.py", "--config", TINY, *SMALL, "--config.data.source=coco_folder",
+             f"--config.data.train_ann_file={ann}", f"--config.data.train_image_dir={images}",
+             f"--config.data.val_ann_file={ann}", f"--config.data.val_image_dir={images}",
+             "--config.data.strict=True", "--config.train.global_batch_size=4",
+             "--config.train.num_train_steps=2", "--workdir", str(tmp_path / "work"))
+  _assert_user_error(run, "cannot decode image", "3.png")
+
+
+@pytest.mark.parametrize("script,args,fragment", [
+    ("train.py", ("--coordinator_address=localhost:12355",),
+     "needs --num_processes and --process_id too"),
+    ("train.py", ("--num_processes=2",), "--num_processes need --coordinator_address"),
+    ("eval.py", ("--coordinator_address=nohostport", "--num_processes=1", "--process_id=0"),
+     "'nohostport': expected HOST:PORT"),
+    ("train.py", ("--coordinator_address=localhost:1", "--num_processes=2", "--process_id=5"),
+     "--process_id=5 must be in [0, --num_processes=2)"),
+    ("eval.py", ("--predict_val=-1",), "--predict_val=-1: give a number"),
+])
+def test_multihost_flag_mistakes_are_user_errors(tmp_path, script, args, fragment):
+  extra = ("--checkpoint", str(tmp_path)) if script == "eval.py" else ()
+  run = _run(script, "--config", TINY, *args, *extra, "--workdir", str(tmp_path / "w"))
+  _assert_user_error(run, fragment)
+
+
+def test_workdir_with_a_tilde_is_in_the_home_folder(tmp_path):
+  env_home = tmp_path / "home"
+  env_home.mkdir()
+  env = dict(os.environ, HOME=str(env_home), JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=3")
+  run = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), "--config", TINY,
+                        "--config.train.global_batch_size=8", "--workdir=~/tilde_run"],
+                       env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+  _assert_user_error(run, "global_batch_size=8")  # stops early, after making the workdir.
+  assert (env_home / "tilde_run").is_dir() and not (tmp_path / "~").exists()
 
 
 def test_only_user_errors_lose_their_traceback(tmp_path):

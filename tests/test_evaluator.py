@@ -208,6 +208,23 @@ def test_load_params_plain_and_manager(tmp_path):
     evaluator.load_params(str(tmp_path / "no_such_dir"))
 
 
+def test_load_params_on_a_training_workdir_points_to_its_checkpoints(tmp_path):
+  (tmp_path / "checkpoints").mkdir()
+  (tmp_path / "metrics.jsonl").write_text("")
+  with pytest.raises(errors.InvalidInputError,
+                     match=rf"did you mean '{tmp_path}/checkpoints' \(a training run's"):
+    evaluator.load_params(str(tmp_path))
+
+
+@pytest.mark.parametrize("name", ["weights.pth", "model_best.pth.tar"])
+def test_load_params_on_a_file_says_it_is_a_file(tmp_path, name):
+  path = tmp_path / name
+  path.write_bytes(b"not a folder")
+  with pytest.raises(errors.InvalidInputError, match=rf"{name}' is a file, not an orbax .*"
+                                                     r"--torch_checkpoint"):
+    evaluator.load_params(str(path))
+
+
 def test_load_params_names_every_parameter_that_does_not_fit_the_model(tmp_path):
   params = {"class_embed": {"kernel": np.zeros((4, 5), np.float32)},
             "query_embed": np.ones((16, 8), np.float32),

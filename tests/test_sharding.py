@@ -50,11 +50,19 @@ def test_jitted_sum_over_sharded_batch_equals_numpy():
   np.testing.assert_allclose(float(total), float((x.astype(np.float64)**2).sum()), rtol=1e-5)
 
 
-@pytest.mark.parametrize("batch", [6, 12, 0])
+@pytest.mark.parametrize("batch", [6, 12])
 def test_batch_not_divisible_names_both_numbers(batch):
   mesh = sharding.make_mesh()
-  with pytest.raises(ValueError, match=rf"train.global_batch_size={batch} .*number of devices 8"):
+  with pytest.raises(ValueError, match=rf"train.global_batch_size={batch} is not divisible by "
+                                       rf"the number of devices 8"):
     sharding.check_batch_divisible(batch, mesh)
+
+
+@pytest.mark.parametrize("batch", [0, -8])
+def test_batch_not_positive_says_so(batch):
+  with pytest.raises(ValueError, match=rf"eval.batch_size={batch}: the batch needs at least one "
+                                       rf"image per device; .* devices 1"):
+    sharding.check_batch_divisible(batch, sharding.make_mesh(jax.devices()[:1]), "eval.batch_size")
 
 
 def test_divisible_batch_returns_rows_per_device():

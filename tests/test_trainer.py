@@ -257,6 +257,85 @@ def test_batch_not_divisible_by_devices_names_both_numbers(tmp_path):
     trainer.train_and_evaluate(config, str(tmp_path), mesh=sharding.make_mesh())
 
 
+def test_workdir_that_is_a_file_is_an_error_naming_it(tmp_path):
+  path = tmp_path / "a_file"
+  path.write_text("keep me")
+  with pytest.raises(ValueError, match=r"workdir .*a_file' is a file, not a folder"):
+    trainer.train_and_evaluate(train_worker.small_config(), str(path),
+                               mesh=sharding.make_mesh(jax.devices()[:1]))
+  assert path.read_text() == "keep me"
+
+
+def test_second_run_on_a_workdir_in_use_is_an_error_naming_the_first(tmp_path):
+  workdir = str(tmp_path / "busy")
+  os.makedirs(workdir)
+  holder = trainer._lock_workdir(workdir)  # another run (here: this process) holds it.
+  try:
+    with pytest.raises(ValueError, match=rf"workdir .*busy' is in use by another training run "
+                                         rf"\(pid {os.getpid()}\)"):
+      trainer.train_and_evaluate(train_worker.small_config(), workdir,
+                                 mesh=sharding.make_mesh(jax.devices()[:1]))
+  finally:
+    os.close(holder)
+  assert os.listdir(workdir) == [trainer.LOCK_FILE]  # nothing written by the refused run.
+  trainer.os.close(trainer._lock_workdir(workdir))  # released: free again.
+
+
+def test_ctrl_c_asks_for_a_checkpoint_and_a_second_one_interrupts():
+  preemption = trainer._Preemption(every=1)
+  try:
+    signal.raise_signal(signal.SIGINT)
+    assert preemption.requested(1)
+    with pytest.raises(KeyboardInterrupt):
+      signal.raise_signal(signal.SIGINT)
+  finally:
+    preemption.restore()
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_resume_drops_the_rows_logged_after_the_checkpoint(tmp_path):
+  from tensorboard.compat.proto import event_pb2
+  from ddetr_jax import metric_writer
+  writer = metric_writer.MetricWriter(str(tmp_path), enabled=True)
+  for step in range(1, 9):
+    writer.write(step, "train", {"loss": float(step)})
+  writer.write(4, "eval", {"AP": 0.5})
+  writer.write(8, "eval", {"AP": 0.6})
+  writer.close()
+  resumed = metric_writer.MetricWriter(str(tmp_path), enabled=True)
+  resumed.resume_at(5)
+  resumed.write(6, "train", {"loss": 60.0})
+  resumed.close()
+  assert [(r["step"], r["kind"]) for r in resumed.rows()] == [
+      (1, "train"), (2, "train"), (3, "train"), (4, "train"), (5, "train"), (4, "eval"),
+      (6, "train")]
+  starts = []
+  for name in os.listdir(tmp_path / "tensorboard"):
+    data = (tmp_path / "tensorboard" / name).read_bytes()
+    pos = 0
+    while pos < len(data):
+      (length,) = struct.unpack("<Q", data[pos:pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+      pos += 12 + length + 4
+      if event.HasField("session_log"):
+        starts.append((event.step, event.session_log.status))
+  assert starts == [(6, event_pb2.SessionLog.START)]  # TensorBoard purges steps >= 6 before it.
+  from tensorboard.backend.event_processing import event_accumulator
+  shown = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
+  shown.Reload()
+  assert [(e.step, e.value) for e in shown.Scalars("train/loss")] == [
+      (1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 5.0), (6, 60.0)]
+  assert [(e.step, e.value) for e in shown.Scalars("eval/AP")] == [(4, 0.5)]
+
+
+def test_summary_quotes_a_workdir_with_spaces(one_device_run, tmp_path):
+  done, metrics = one_device_run
+  spaced = str(tmp_path / "my run")
+  shutil.copytree(done, spaced)
+  summary = trainer.final_summary(spaced, metrics)
+  assert f"tensorboard --logdir '{spaced}/tensorboard'" in summary
+
+
 def test_resume_into_a_config_it_does_not_fit_names_parameters(one_device_run, tmp_path):
   workdir, _ = one_device_run
   shutil.copytree(os.path.join(workdir, "checkpoints"), tmp_path / "checkpoints")
@@ -264,6 +343,20 @@ def test_resume_into_a_config_it_does_not_fit_names_parameters(one_device_run, t
   config.model.num_classes = 7
   with pytest.raises(ValueError, match=r"class_embed/kernel checkpoint \(32, 5\) vs model \(32, 7\)"):
     trainer.train_and_evaluate(config, str(tmp_path), mesh=sharding.make_mesh(jax.devices()[:1]))
+
+
+@pytest.mark.parametrize("setting, value", [("freeze_stem", False), ("grad_accum_steps", 2)])
+def test_resume_with_other_optimizer_settings_is_one_short_error(one_device_run, tmp_path,
+                                                                 setting, value):
+  workdir, _ = one_device_run
+  shutil.copytree(os.path.join(workdir, "checkpoints"), tmp_path / "checkpoints")
+  config = train_worker.small_config(num_steps=STEPS + 1)
+  assert config.optim[setting] != value
+  config.optim[setting] = value
+  with pytest.raises(ValueError, match=r"checkpoint .*: its optimizer state \(optim settings "
+                                       r"changed\?\) does not fit this config") as info:
+    trainer.train_and_evaluate(config, str(tmp_path), mesh=sharding.make_mesh(jax.devices()[:1]))
+  assert len(str(info.value)) < 1000 and "\n" not in str(info.value), str(info.value)
 
 
 def test_init_checkpoint_loads_a_backbone_only_checkpoint_and_rejects_misfits(one_device_run,
@@ -282,13 +375,102 @@ def test_init_checkpoint_loads_a_backbone_only_checkpoint_and_rejects_misfits(on
       np.testing.assert_array_equal(value, expected[key], err_msg=key)
     else:
       assert not value.any(), key  # kept from `fresh`
-  bad = dict(trained, class_embed=dict(trained["class_embed"],
-                                       kernel=np.zeros((32, 9), np.float32)))
+  bad = dict(trained, bbox_embed=dict(trained["bbox_embed"], layers_2=dict(
+      trained["bbox_embed"]["layers_2"], kernel=np.zeros((32, 6), np.float32))))
   bad_path = str(tmp_path / "bad")
   ocp.PyTreeCheckpointer().save(bad_path, bad)
-  with pytest.raises(ValueError, match=r"init_checkpoint .*class_embed/kernel checkpoint "
-                                       r"\(32, 9\) vs model \(32, 5\)"):
+  with pytest.raises(ValueError, match=r"init_checkpoint .*bbox_embed/layers_2/kernel checkpoint "
+                                       r"\(32, 6\) vs model \(32, 4\)"):
     trainer.load_init_checkpoint(bad_path, config, fresh)
+
+
+def test_init_checkpoint_with_other_classes_keeps_fresh_class_heads(one_device_run, tmp_path,
+                                                                    capsys):
+  import orbax.checkpoint as ocp
+  workdir, _ = one_device_run
+  trained = _params(workdir, STEPS)
+  config = train_worker.small_config()
+  fresh = jax.tree.map(lambda x: np.full_like(x, 7.0), trained)
+  other = dict(trained, class_embed={"kernel": np.ones((32, 91), np.float32),
+                                     "bias": np.ones((91,), np.float32)})
+  path = str(tmp_path / "coco_classes")
+  ocp.PyTreeCheckpointer().save(path, other)
+  merged = _flat(trainer.load_init_checkpoint(path, config, fresh))
+  expected = _flat(trained)
+  assert merged.keys() == expected.keys()
+  for key, value in merged.items():
+    if key.startswith("class_embed/"):
+      assert (value == 7.0).all() and value.shape == expected[key].shape, key
+    else:
+      np.testing.assert_array_equal(value, expected[key], err_msg=key)
+  assert ("class heads (2 arrays, 91 classes) do not match config.model.num_classes=5"
+          in capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("suffix", [".bin", ".pth.tar", ".safetensors"])
+def test_init_checkpoint_from_a_torch_file_with_other_classes(tmp_path, suffix):
+  from configs import tiny
+  from ddetr_jax import convert
+  from tests.test_model_hf_reference import build_hf_model
+  config = tiny.get_config("box_refine")
+  hf = build_hf_model(config.model, seed=3)  # config.model.num_classes (5) classes.
+  path = str(tmp_path / ("hf" + suffix))
+  state_dict = {k: v.clone() for k, v in hf.state_dict().items()}  # no shared storage.
+  if suffix != ".safetensors":
+    import torch
+    torch.save(state_dict, path)
+  else:
+    from safetensors.torch import save_file
+    save_file(state_dict, path)
+  reference = _flat(convert.load_torch_params(path, config))
+  config.model.num_classes = 3  # fine-tuning on another label set.
+  shapes = convert.expected_param_shapes(config)
+  fresh = jax.tree.map(lambda s: np.full(s.shape, 7.0, s.dtype), shapes)
+  merged = _flat(trainer.load_init_checkpoint(path, config, fresh))
+  assert merged.keys() == reference.keys()
+  heads = [k for k in merged if k.startswith("class_embed")]
+  assert len(heads) == 2 * config.model.dec_layers
+  for key, value in merged.items():
+    if key in heads:
+      assert value.shape[-1] == 3 and (value == 7.0).all(), key
+    else:
+      np.testing.assert_array_equal(value, reference[key], err_msg=key)
+
+
+@pytest.mark.parametrize("log_every", [1, 3])
+def test_images_per_sec_counts_each_step_once_and_not_evaluation(monkeypatch, tmp_path,
+                                                                  log_every):
+  """A clock that moves 1 s per train step and 100 s per evaluation: every logged window,
+  including those cut short by a checkpoint save or an evaluation, must read exactly
+  global_batch_size images per second."""
+  clock = [0.0]
+  monkeypatch.setattr(trainer, "_now", lambda: clock[0])
+  real_jit, real_evaluate = trainer.jit_train_step, trainer.evaluator.evaluate
+
+  def timed_jit(*args, **kwargs):
+    step = real_jit(*args, **kwargs)
+
+    def run(*a):
+      out = step(*a)
+      clock[0] += 1.0
+      return out
+    return run
+
+  def timed_evaluate(*args, **kwargs):
+    clock[0] += 100.0
+    return real_evaluate(*args, **kwargs)
+
+  monkeypatch.setattr(trainer, "jit_train_step", timed_jit)
+  monkeypatch.setattr(trainer.evaluator, "evaluate", timed_evaluate)
+  config = train_worker.small_config(num_steps=5, eval_every=3)
+  config.train.checkpoint_every = 2
+  config.train.log_every = log_every
+  trainer.train_and_evaluate(config, str(tmp_path), mesh=sharding.make_mesh(jax.devices()[:1]))
+  rows, evals = _train_rows(str(tmp_path))
+  assert sorted(rows) == [s for s in range(1, 6) if s % log_every == 0 or s == 5]
+  assert [r["step"] for r in evals] == [3, 5]
+  for step, row in rows.items():
+    assert row["images_per_sec"] == pytest.approx(config.train.global_batch_size), (step, row)
 
 
 def test_preempted_run_summary_lists_only_the_files_it_wrote(one_device_run, monkeypatch,

@@ -16,6 +16,7 @@ batch shapes is at most len(buckets). Filler images (valid=False) are all-zero a
 """
 import numpy as np
 
+from ddetr_jax import errors
 from ddetr_jax.data import transforms
 
 HOST_KEYS = ("image_id", "orig_size", "size", "valid")
@@ -26,9 +27,11 @@ def select_bucket(height: int, width: int, buckets) -> int:
   """Smallest bucket side >= max(height, width)."""
   fitting = [b for b in sorted(buckets) if b >= max(height, width)]
   if not fitting:
-    raise ValueError(f"an image of size {height}x{width} is larger than the largest bucket "
-                     f"{max(buckets)} in data.buckets={tuple(buckets)}; add a larger bucket or "
-                     f"lower data.train_max_size/val_max_size")
+    raise errors.InvalidInputError(
+        f"an image of size {height}x{width} is larger than the largest bucket {max(buckets)} in "
+        f"data.buckets={tuple(buckets)}; add a bucket >= {max(height, width)} (the official "
+        f"resize can exceed data.train_max_size/val_max_size by up to half the aspect ratio, in "
+        f"pixels)")
   return fitting[0]
 
 

@@ -12,6 +12,8 @@ Record (dict) returned by `CocoFolderSource[i]`:
 Annotations with a non-finite or negative-size bbox, or a box entirely outside its image, are
 dropped when the json is loaded and counted in `num_dropped_annotations` (logged once).
 """
+import contextlib
+import io
 import json
 import logging
 import os
@@ -93,12 +95,18 @@ def category_label_map(category_ids: list[int], mode: str) -> dict[int, int]:
   raise errors.InvalidInputError(f"data.category_ids must be 'raw' or 'contiguous', got {mode!r}")
 
 
+def indexed_coco(dataset: dict) -> COCO:
+  """A pycocotools COCO over a COCO-format dict, indexed without pycocotools' prints."""
+  coco = COCO()
+  coco.dataset = dataset
+  with contextlib.redirect_stdout(io.StringIO()):  # "creating index... index created!"
+    coco.createIndex()
+  return coco
+
+
 def load_coco(ann_file: str) -> COCO:
   """A pycocotools COCO over the checked json (category ids are the dataset's)."""
-  coco = COCO()
-  coco.dataset = load_annotation_json(ann_file)
-  coco.createIndex()
-  return coco
+  return indexed_coco(load_annotation_json(ann_file))
 
 
 class CocoFolderSource:
@@ -134,6 +142,37 @@ class CocoFolderSource:
       logging.warning("%s: dropped %d annotations with a non-finite, negative-size or "
                       "out-of-image bbox", ann_file, self.num_dropped_annotations)
 
+  def check_image_files(self) -> None:
+    """Raises errors.MissingInputError naming the image files of the json absent from image_dir.
+
+    The loaders call it when they start (`loader.check_image_files`; one directory listing per
+    folder the json's file names are in, not a stat per image), so a missing file is reported
+    then rather than when its record is first read, which in a long run can be hours later.
+    Reading only the annotations (category names, the ground truth) does not need the images.
+    """
+    listed = {}  # folder -> names of the regular files in it (empty if it does not exist).
+
+    def files_in(folder: str) -> set:
+      if folder not in listed:
+        try:
+          with os.scandir(folder) as entries:
+            listed[folder] = {e.name for e in entries if e.is_file()}
+        except (FileNotFoundError, NotADirectoryError):
+          listed[folder] = set()
+      return listed[folder]
+
+    missing = []
+    for image_id in self.image_ids:
+      name = self.coco.imgs[image_id]["file_name"]
+      folder, base = os.path.split(os.path.join(self.image_dir, name))
+      if base not in files_in(folder) and not os.path.isfile(os.path.join(folder, base)):
+        missing.append(name)  # (the isfile catches what a listing names differently: links)
+    if missing:
+      raise errors.MissingInputError(
+          f"{len(missing)} of the {len(self.image_ids)} image files that {self.ann_file!r} names "
+          f"are not in the image directory {self.image_dir!r}: {missing[:5]}"
+          + (" ..." if len(missing) > 5 else ""))
+
   @property
   def max_label(self) -> int:
     return max(self.label_to_category, default=-1)
@@ -146,8 +185,8 @@ class CocoFolderSource:
     info = self.coco.imgs[image_id]
     path = os.path.join(self.image_dir, info["file_name"])
     if not os.path.isfile(path):
-      raise FileNotFoundError(f"image file {path!r} of record {index} (image_id {image_id}) in "
-                              f"{self.ann_file!r} does not exist")
+      raise errors.MissingInputError(f"image file {path!r} of record {index} (image_id "
+                                     f"{image_id}) in {self.ann_file!r} does not exist")
     try:
       with Image.open(path) as im:
         image = np.asarray(im.convert("RGB"))

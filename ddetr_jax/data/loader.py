@@ -11,7 +11,8 @@ is deterministic for a fixed (seed, process count, num_workers), and the iterato
 Bad images. A record whose image cannot be decoded (`CorruptImageError`) is skipped in training
 (the batch is filled from the next records) and replaced by a `valid=False` filler in evaluation;
 both are counted in `iterator.stats` and logged. With `data.strict` it raises instead. A missing
-image file always raises, naming the file and the record.
+image file always raises, naming the file: a COCO folder's files are checked when the train
+iterator or the eval batches are made, and one removed later raises when its record is read.
 """
 import functools
 import logging
@@ -35,6 +36,20 @@ from ddetr_jax.data.errors import CorruptImageError
 _STAT_KEYS = ("num_skipped", "num_truncated_boxes")
 # Record-stage read-ahead: 2 threads, 8 records (grain's default, 500 decoded images, is too much).
 _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)
+
+
+def _check_image_files(source) -> None:
+  """A source that reads image files from a folder checks they are all there before loading."""
+  check = getattr(source, "check_image_files", None)
+  if check is not None:
+    check()
+
+
+def check_image_files(config, split: str) -> None:
+  """Raises errors.MissingInputError if an image file of `split`'s records is missing (a COCO
+  folder's json naming a file its image folder lacks); other sources have nothing to check.
+  The trainer calls it for 'val' at start, long before the first evaluation reads the images."""
+  _check_image_files(sources.build_source(config.data, split, num_classes=_num_classes(config)))
 
 
 def _load(source, index: int, strict: bool) -> dict:
@@ -210,6 +225,7 @@ def make_train_iterator(config, mesh: Mesh | None = None,
   """
   data = config.data
   source = sources.build_source(data, "train", num_classes=_num_classes(config))
+  _check_image_files(source)
   global_batch = int(config.train.global_batch_size)
   local_batch = _local_batch_size(global_batch, "train.global_batch_size")
   if mesh is not None:
@@ -271,6 +287,7 @@ class EvalBatches:
   def __init__(self, config, split: str, mesh: Mesh | None):
     data = config.data
     self.source = sources.build_source(data, split, num_classes=_num_classes(config))
+    _check_image_files(self.source)
     self.num_records = len(self.source)
     global_batch = int(config.eval.batch_size)
     local_batch = _local_batch_size(global_batch, "eval.batch_size")

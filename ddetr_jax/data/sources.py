@@ -138,9 +138,7 @@ def coco_ground_truth(data_config, split: str = "val") -> COCO:
                           "category_id": int(source.label_to_category[int(label)]),
                           "bbox": [x0, y0, x1 - x0, y1 - y0], "area": float(area),
                           "iscrowd": int(crowd)})
-  coco = COCO()
-  coco.dataset = {"images": images, "annotations": annotations,
-                  "categories": [{"id": c, "name": source.label_names[l]}
-                                 for l, c in sorted(source.label_to_category.items())]}
-  coco.createIndex()
-  return coco
+  return coco_folder.indexed_coco({
+      "images": images, "annotations": annotations,
+      "categories": [{"id": c, "name": source.label_names[l]}
+                     for l, c in sorted(source.label_to_category.items())]})

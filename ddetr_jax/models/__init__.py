@@ -1,6 +1,7 @@
 """Flax modules of Deformable DETR; `build_model(config)` builds the detector of a full config."""
 import ml_collections
 
+from ddetr_jax import errors
 from ddetr_jax.models.deformable_detr import DeformableDETR
 
 
@@ -10,7 +11,7 @@ def build_model(config: ml_collections.ConfigDict) -> DeformableDETR:
   known = set(DeformableDETR.__dataclass_fields__) - {"parent", "name"}
   unknown = sorted(set(fields) - known)
   if unknown:
-    raise ValueError(f"config.model has unknown fields {unknown}; DeformableDETR takes {sorted(known)}")
+    raise errors.InvalidInputError(f"config.model has unknown fields {unknown}; DeformableDETR takes {sorted(known)}")
   return DeformableDETR(**fields)
 
 

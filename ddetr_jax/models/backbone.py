@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ddetr_jax import errors
 from ddetr_jax.models import initializers
 from ddetr_jax.models.conv import Conv
 from ddetr_jax.models.conv1x1 import Conv1x1
@@ -36,13 +37,13 @@ TORCHVISION_WIDTH = 64   # channels of the stem and layer1 in every torchvision 
 
 def _check_width(width: int):
   if not isinstance(width, int) or width < 8 or width % 8:
-    raise ValueError(f"backbone_width must be a positive multiple of 8, got {width!r}")
+    raise errors.InvalidInputError(f"backbone_width must be a positive multiple of 8, got {width!r}")
 
 
 def stage_channels(depth: int, width: int = TORCHVISION_WIDTH) -> tuple[int, int, int, int]:
   """Output channels of layer1..layer4 for a ResNet depth and stem width (64 = torchvision)."""
   if depth not in RESNET_LAYOUTS:
-    raise ValueError(f"backbone_depth must be one of {sorted(RESNET_LAYOUTS)}, got {depth}")
+    raise errors.InvalidInputError(f"backbone_depth must be one of {sorted(RESNET_LAYOUTS)}, got {depth}")
   _check_width(width)
   expansion = 4 if RESNET_LAYOUTS[depth][0] == "bottleneck" else 1
   return tuple(width * 2 ** stage * expansion for stage in range(4))
@@ -74,7 +75,7 @@ def _norm(kind: str, features: int, name: str, dtype: Any, zero_init: bool = Fal
     return nn.GroupNorm(num_groups=min(32, features), epsilon=1e-5, dtype=dtype,
                         scale_init=nn.initializers.zeros if zero_init else nn.initializers.ones,
                         name=name.replace("bn", "gn"))
-  raise ValueError(f"backbone_norm must be one of {NORMS}, got {kind!r}")
+  raise errors.InvalidInputError(f"backbone_norm must be one of {NORMS}, got {kind!r}")
 
 
 def _conv(features: int, kernel: int, stride: int, dilation: int, dtype: Any, name: str) -> Conv:
@@ -157,7 +158,7 @@ class ResNet(nn.Module):
   def __call__(self, images: jax.Array) -> list[jax.Array]:
     """images: [B, H, W, 3] -> list of [B, H_l, W_l, C_l] for each layer in `return_layers`."""
     if self.depth not in RESNET_LAYOUTS:
-      raise ValueError(f"backbone_depth must be one of {sorted(RESNET_LAYOUTS)}, got {self.depth}")
+      raise errors.InvalidInputError(f"backbone_depth must be one of {sorted(RESNET_LAYOUTS)}, got {self.depth}")
     kind, blocks = RESNET_LAYOUTS[self.depth]
     _check_width(self.width)
     stem = self.width

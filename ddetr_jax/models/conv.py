@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ddetr_jax import errors
 from ddetr_jax.models import initializers
 from ddetr_jax.models.matmul import matmul
 
@@ -60,7 +61,7 @@ def use_matmul(impl: str, input_shape: tuple[int, ...], kernel: int, stride: int
   """Whether `Conv` computes by im2col + matmul: "matmul", or "auto" on the CPU when the patch
   matrix [B*H_out*W_out, k*k*C_in] is no larger than the kernel [k*k*C_in, features]."""
   if impl not in IMPLS:
-    raise ValueError(f"conv impl must be one of {IMPLS}, got {impl!r}")
+    raise errors.InvalidInputError(f"conv impl must be one of {IMPLS}, got {impl!r}")
   if impl != "auto":
     return impl == "matmul"
   if jax.default_backend() != "cpu":

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddetr_jax import errors
 from ddetr_jax.models import initializers
 from ddetr_jax.models.dense import Dense
 from ddetr_jax.ops.ms_deform_attn import ms_deform_attn
@@ -60,7 +61,8 @@ class MSDeformAttn(nn.Module):
       [B, Q, C].
     """
     if self.d_model % self.n_heads:
-      raise ValueError(f"d_model {self.d_model} must be divisible by n_heads {self.n_heads}")
+      raise errors.InvalidInputError(f"d_model {self.d_model} must be divisible by n_heads "
+                                     f"{self.n_heads}")
     b, q, _ = query.shape
     s = input_flatten.shape[1]
     m, l, p = self.n_heads, self.n_levels, self.n_points

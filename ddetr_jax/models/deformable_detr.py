@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ddetr_jax import errors
 from ddetr_jax.models import initializers
 from ddetr_jax.models.dense import Dense
 from ddetr_jax.models.backbone import ResNet
@@ -104,13 +105,13 @@ class DeformableDETR(nn.Module):
 
   def _check(self):
     if self.two_stage and not self.with_box_refine:
-      raise ValueError("two_stage=True requires with_box_refine=True (as the official code)")
+      raise errors.InvalidInputError("two_stage=True requires with_box_refine=True (as the official code)")
     if self.dtype not in DTYPES:
-      raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+      raise errors.InvalidInputError(f"model.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
     if self.hidden_dim % 32:
-      raise ValueError(f"hidden_dim must be a multiple of 32 (GroupNorm(32)), got {self.hidden_dim}")
+      raise errors.InvalidInputError(f"hidden_dim must be a multiple of 32 (GroupNorm(32)), got {self.hidden_dim}")
     if self.num_feature_levels < 1:
-      raise ValueError(f"num_feature_levels must be >= 1, got {self.num_feature_levels}")
+      raise errors.InvalidInputError(f"num_feature_levels must be >= 1, got {self.num_feature_levels}")
 
   def _heads(self, init_key: jax.Array, num_pred: int):
     """Class and box heads: one shared pair, or `num_pred` pairs cloned from one initialisation."""

@@ -33,6 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from ddetr_jax import errors
+
 # Threefry-2x32 rotation constants (two groups of 4 rounds, alternating) and key-schedule parity.
 _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
 _PARITY = np.uint32(0x1BD11BDA)
@@ -145,7 +147,7 @@ class Dropout(nn.Module):
   def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
     """x: [...] -> [...], same dtype."""
     if not 0.0 <= self.rate <= 1.0:
-      raise ValueError(f"dropout rate {self.rate} is outside [0, 1]")
+      raise errors.InvalidInputError(f"dropout rate {self.rate} is outside [0, 1]")
     if deterministic or self.rate == 0.0:
       return x
     if self.rate == 1.0:

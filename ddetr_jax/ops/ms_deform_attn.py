@@ -72,6 +72,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddetr_jax import errors
+
 SpatialShapes = tuple[tuple[int, int], ...]
 
 IMPLS = ("xla", "xla_packed", "cpu", "pallas", "auto")
@@ -473,12 +475,13 @@ def ms_deform_attn(value: jax.Array,
   """
   shapes = _check_inputs(value, spatial_shapes, sampling_locations, attention_weights)
   if impl not in IMPLS:
-    raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    raise errors.InvalidInputError(f"sampler impl (config.model.attention_impl) must be one of "
+                                   f"{IMPLS}, got {impl!r}")
   if impl == "auto":
     impl = resolve_auto_impl()
   if impl == "cpu":
     if jax.default_backend() != "cpu":
-      raise ValueError(f"impl='cpu' runs on the CPU backend only; the default backend is "
+      raise errors.InvalidInputError(f"impl='cpu' runs on the CPU backend only; the default backend is "
                        f"{jax.default_backend()!r} (use impl='auto')")
     from ddetr_jax.ops import ms_deform_attn_cpu  # pylint: disable=import-outside-toplevel
     return ms_deform_attn_cpu.ms_deform_attn_cpu(value, shapes, sampling_locations,
