@@ -43,7 +43,6 @@ flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 for "
                     "jax.distributed.initialize (multi-host without auto-detection).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
 flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
-flags.mark_flags_as_mutual_exclusive(["checkpoint", "torch_checkpoint"], required=True)
 FLAGS = flags.FLAGS
 
 
@@ -57,6 +56,10 @@ def main(argv):
   if FLAGS.predict_val < 0:
     raise errors.InvalidInputError(f"--predict_val={FLAGS.predict_val}: give a number of "
                                    f"validation images >= 1 (0: off)")
+  if bool(FLAGS.checkpoint) == bool(FLAGS.torch_checkpoint):
+    raise errors.InvalidInputError(
+        f"give one of --checkpoint=DIR (orbax) or --torch_checkpoint=FILE (PyTorch), not "
+        f"{'both' if FLAGS.checkpoint else 'neither'}")
   cli.start_distributed(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
                         FLAGS.process_id)
   for name in ("workdir", "checkpoint", "torch_checkpoint", "out"):  # `--out=~/x` is not

@@ -13,7 +13,9 @@
       (`cpu_dispatch`), with two changes: absl and orbax log at WARNING (orbax logs every
       checkpoint save and restore at INFO) unless --verbosity is given (`--verbosity=0` shows
       them); and an `errors.UserError` is printed as `error: <message>` on stderr with exit
-      status 2 and no traceback. Any other exception keeps its traceback.
+      status 2 and no traceback, as is a flag absl cannot parse (unknown flag, bad value,
+      required flag left out; absl's own parser exits 1). Any other exception keeps its
+      traceback.
 """
 import difflib
 import os
@@ -175,4 +177,11 @@ def run(main: Callable[[list[str]], None]) -> None:
       print(f"error: {e}", file=sys.stderr)
       return USER_ERROR_EXIT_STATUS
 
-  app.run(main_printing_user_errors)
+  def parse_flags(argv):  # absl's own parser exits 1 after a 'FATAL Flags parsing error'.
+    try:
+      return flags.FLAGS(argv)
+    except flags.Error as e:  # unknown flag, bad value, a required flag left out.
+      print(f"error: {e} (--helpfull lists the flags)", file=sys.stderr)
+      sys.exit(USER_ERROR_EXIT_STATUS)
+
+  app.run(main_printing_user_errors, flags_parser=parse_flags)

@@ -212,3 +212,22 @@ def test_only_user_errors_lose_their_traceback(tmp_path):
   bug = _run(None, "-c", program, "bug")
   assert bug.returncode == 1, bug.stderr
   assert "Traceback" in bug.stderr and "KeyError: 'a bug'" in bug.stderr
+
+
+@pytest.mark.parametrize("args,fragment", [
+    ((), "not neither"),
+    (("--checkpoint=a", "--torch_checkpoint=b"), "not both"),
+])
+def test_eval_needs_exactly_one_checkpoint_flag(args, fragment):
+  run = _run("eval.py", "--config", TINY, *args)
+  _assert_user_error(run, "--checkpoint=DIR", "--torch_checkpoint=FILE", fragment)
+
+
+@pytest.mark.parametrize("script,args,fragment", [
+    ("train.py", ("--workdri=x",), "Unknown command line flag 'workdri'"),
+    ("eval.py", ("--checkpoint=a", "--num_attention=two"), "'two'"),
+])
+def test_flags_absl_cannot_parse_are_user_errors(script, args, fragment):
+  run = _run(script, "--config", TINY, *args)
+  last = _assert_user_error(run, fragment)
+  assert "--helpfull" in last and "FATAL" not in run.stderr, run.stderr
