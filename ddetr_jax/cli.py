@@ -181,7 +181,11 @@ def run(main: Callable[[list[str]], None]) -> None:
     try:
       return flags.FLAGS(argv)
     except flags.Error as e:  # unknown flag, bad value, a required flag left out.
-      print(f"error: {e} (--helpfull lists the flags)", file=sys.stderr)
+      message = str(e)
+      if "\n" in message:  # a config file that raised: ml_collections quotes its traceback,
+        print(f"FATAL Flags parsing error:\n{message}", file=sys.stderr)  # a bug, not a
+        sys.exit(1)                                                         # user error.
+      print(f"error: {message} (--helpfull lists the flags)", file=sys.stderr)
       sys.exit(USER_ERROR_EXIT_STATUS)
 
   app.run(main_printing_user_errors, flags_parser=parse_flags)
