@@ -17,6 +17,8 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $(STAMP)
 
+# Both files in one pip call, so that the resolver keeps the runtime pins while adding the
+# test pins (nothing already installed is installed again).
 $(TEST_STAMP): $(STAMP) requirements-test.txt
 	$(PY) -m pip install --quiet -r requirements.txt -r requirements-test.txt
 	touch $(TEST_STAMP)
