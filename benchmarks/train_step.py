@@ -18,7 +18,11 @@ model on the CPU runs its PyTorch grid_sample formulation). Also times the backb
 step, and the work per step: XLA's cost
 analysis of the compiled JAX step (all arithmetic) and torch's FlopCounterMode over one HF step
 (matmuls and convolutions, forward + backward), each as a share of that framework's 2048^3
-matmul speed measured in the same run. `--dtype bfloat16` runs both in mixed precision: the JAX
+matmul speed measured in the same run. The last two columns say what the target asks: 0.5 x HF's
+step time, and the share of XLA's matmul speed at which the JAX step would have to run the
+model's matmuls and convolutions (torch's count of them, the same architecture) to fit in it,
+with nothing else in the step; above 100% the target cannot be met in that dtype on that
+machine. `--dtype bfloat16` runs both in mixed precision: the JAX
 model with `config.model.dtype = "bfloat16"` (bf16 matmul operands, float32 accumulation, float32
 params and optimizer), HF's forward under `torch.autocast("cpu", torch.bfloat16)` (its standard
 mixed precision: float32 params, bf16 matmuls and convolutions), and the matmul speeds are then
@@ -170,6 +174,11 @@ def matmul_peaks(dtype: str = "float32", size: int = 2048,
   return flop / jax_s, flop / torch_s
 
 
+def share_of_peak_needed(target_s: float, gflop: float, peak_gflops: float) -> float:
+  """Percent of `peak_gflops` at which `gflop` of work would have to run to take `target_s`."""
+  return 100.0 * gflop / target_s / peak_gflops
+
+
 def _median_seconds(fn, steps: int) -> float:
   fn()  # warm-up
   times = []
@@ -266,7 +275,8 @@ def main():
   print(f"2048^3 {args.dtype} matmul: XLA {jax_peak:.0f} GFLOP/s, torch {torch_peak:.0f} GFLOP/s")
   print(f"{'config':8s} {'jax compile s':>14s} {'jax s/step':>11s} {'hf s/step':>10s} "
         f"{'jax/hf':>7s} {'jax backbone s':>15s} {'hf backbone s':>14s} {'jax GFLOP':>10s} "
-        f"{'hf GFLOP':>9s} {'jax % peak':>10s} {'hf % peak':>9s}")
+        f"{'hf GFLOP':>9s} {'jax % peak':>10s} {'hf % peak':>9s} {'target s':>9s} "
+        f"{'needed % peak':>13s}")
   nan = float("nan")
   for name in args.configs.split(","):
     config = _config(name)
@@ -284,14 +294,18 @@ def main():
     hf_gflop = hf_result["gflop"] if hf_result else nan
     jax_pct = 100 * jax_result["gflop"] / jax_result["step_s"] / jax_peak
     hf_pct = 100 * hf_gflop / hf_result["step_s"] / torch_peak if hf_result else nan
+    target_s = 0.5 * hf_result["step_s"] if hf_result else nan
+    needed_pct = share_of_peak_needed(target_s, hf_gflop, jax_peak) if hf_result else nan
     print(f"{name:8s} {jax_result['compile_s']:14.1f} {jax_result['step_s']:11.3f} "
           f"{hf_result['step_s'] if hf_result else nan:10.3f} {ratio:7.2f} "
           f"{jax_result['backbone_s']:15.3f} {hf_result['backbone_s'] if hf_result else nan:14.3f} "
-          f"{jax_result['gflop']:10.1f} {hf_gflop:9.1f} {jax_pct:10.0f} {hf_pct:9.0f}")
+          f"{jax_result['gflop']:10.1f} {hf_gflop:9.1f} {jax_pct:10.0f} {hf_pct:9.0f} "
+          f"{target_s:9.3f} {needed_pct:13.0f}")
     print(json.dumps({"config": name, "attention_impl": impl, "dtype": args.dtype,
                       "batch": args.batch,
                       "size": args.size, "jax": jax_result, "hf": hf_result,
-                      "jax_over_hf": ratio, "matmul_gflops": {"xla": jax_peak,
+                      "jax_over_hf": ratio, "target_s": target_s,
+                      "needed_pct_of_xla_peak": needed_pct, "matmul_gflops": {"xla": jax_peak,
                                                              "torch": torch_peak}}))
 
 

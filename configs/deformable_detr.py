@@ -24,6 +24,7 @@ def model_config(variant: str = "default") -> ml_collections.ConfigDict:
   m.backbone_depth = 50            # ResNet depth: 18, 34, 50 or 101.
   m.backbone_norm = "frozen_bn"    # frozen_bn (official) | group (trainable, from scratch).
   m.backbone_width = 64            # stem/layer1 channels; 64 = torchvision (checkpoints need it).
+  m.backbone_stem_impl = "auto"    # 7x7 stem conv: auto | xla (lax conv) | matmul (im2col); same math.
   m.dilation = variant == "single_scale_dc5"
   m.num_feature_levels = 1 if variant.startswith("single_scale") else 4
   m.hidden_dim = 256

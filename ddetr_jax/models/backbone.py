@@ -78,10 +78,11 @@ def _norm(kind: str, features: int, name: str, dtype: Any, zero_init: bool = Fal
   raise errors.InvalidInputError(f"backbone_norm must be one of {NORMS}, got {kind!r}")
 
 
-def _conv(features: int, kernel: int, stride: int, dilation: int, dtype: Any, name: str) -> Conv:
+def _conv(features: int, kernel: int, stride: int, dilation: int, dtype: Any, name: str,
+          impl: str = "auto") -> Conv:
   """Bias-free conv with PyTorch's symmetric padding dilation * (kernel // 2)."""
   return Conv(features, kernel, stride, padding=dilation * (kernel // 2), dilation=dilation,
-              dtype=dtype, kernel_init=initializers.kaiming_normal_fan_out(), name=name)
+              dtype=dtype, kernel_init=initializers.kaiming_normal_fan_out(), name=name, impl=impl)
 
 
 class BasicBlock(nn.Module):
@@ -146,6 +147,8 @@ class ResNet(nn.Module):
     width: channels of the stem and layer1; stage s (0-based) has width * 2**s planes. 64 is
       torchvision's (the only width its checkpoints fit); smaller widths give a cheaper
       backbone for training from scratch on small images (the CPU shapes demo uses 32).
+    stem_impl: `models.conv.Conv`'s impl for the 7x7 stem conv ("auto", "xla" or "matmul"):
+      the same convolution, computed as a lax convolution or as one matmul over image patches.
   """
   depth: int = 50
   dilation: bool = False
@@ -153,6 +156,7 @@ class ResNet(nn.Module):
   dtype: Any = jnp.float32
   norm: str = "frozen_bn"
   width: int = TORCHVISION_WIDTH
+  stem_impl: str = "auto"
 
   @nn.compact
   def __call__(self, images: jax.Array) -> list[jax.Array]:
@@ -165,7 +169,7 @@ class ResNet(nn.Module):
     block_cls = Bottleneck if kind == "bottleneck" else BasicBlock
     expansion = 4 if kind == "bottleneck" else 1
     x = images.astype(self.dtype)
-    x = _conv(stem, 7, 2, 1, self.dtype, "conv1")(x)
+    x = _conv(stem, 7, 2, 1, self.dtype, "conv1", impl=self.stem_impl)(x)
     x = nn.relu(_norm(self.norm, stem, "bn1", self.dtype)(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # [B, H/4, W/4, stem]
     in_channels, current_dilation, outputs = stem, 1, []

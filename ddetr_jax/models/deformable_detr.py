@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from ddetr_jax import errors
 from ddetr_jax.models import initializers
+from ddetr_jax.models import conv as conv_lib
 from ddetr_jax.models.dense import Dense
 from ddetr_jax.models.backbone import ResNet
 from ddetr_jax.models.conv import Conv
@@ -84,6 +85,7 @@ class DeformableDETR(nn.Module):
   backbone_depth: int = 50
   backbone_norm: str = "frozen_bn"
   backbone_width: int = 64
+  backbone_stem_impl: str = "auto"
   dilation: bool = False
   num_feature_levels: int = 4
   hidden_dim: int = 256
@@ -112,6 +114,9 @@ class DeformableDETR(nn.Module):
       raise errors.InvalidInputError(f"hidden_dim must be a multiple of 32 (GroupNorm(32)), got {self.hidden_dim}")
     if self.num_feature_levels < 1:
       raise errors.InvalidInputError(f"num_feature_levels must be >= 1, got {self.num_feature_levels}")
+    if self.backbone_stem_impl not in conv_lib.IMPLS:
+      raise errors.InvalidInputError(f"model.backbone_stem_impl must be one of {conv_lib.IMPLS}, "
+                                     f"got {self.backbone_stem_impl!r}")
 
   def _heads(self, init_key: jax.Array, num_pred: int):
     """Class and box heads: one shared pair, or `num_pred` pairs cloned from one initialisation."""
@@ -172,7 +177,7 @@ class DeformableDETR(nn.Module):
     multi_scale = self.num_feature_levels > 1
     features = ResNet(self.backbone_depth, self.dilation, (2, 3, 4) if multi_scale else (4,),
                       dtype=dtype, norm=self.backbone_norm, width=self.backbone_width,
-                      name="backbone")(images)
+                      stem_impl=self.backbone_stem_impl, name="backbone")(images)
 
     srcs, masks = [], []
     for lvl, feature in enumerate(features[:self.num_feature_levels]):
