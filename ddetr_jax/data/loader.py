@@ -29,6 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ddetr_jax import errors
 from ddetr_jax import sharding
 from ddetr_jax.data import batching
+from ddetr_jax.data import main_guard
 from ddetr_jax.data import sources
 from ddetr_jax.data import transforms
 from ddetr_jax.data.errors import CorruptImageError
@@ -124,6 +125,7 @@ class _SkipAndBatchIterator(grain.DatasetIterator):
 
 def _multiprocess_prefetch(dataset: grain.IterDataset, num_workers: int) -> grain.IterDataset:
   """`dataset` run in `num_workers` grain worker processes."""
+  main_guard.check_main_is_guarded(f"data.num_workers={num_workers}")
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()  # grain reads absl flags; outside an absl app use defaults.
   return dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
