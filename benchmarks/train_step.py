@@ -174,9 +174,10 @@ def matmul_peaks(dtype: str = "float32", size: int = 2048,
   return flop / jax_s, flop / torch_s
 
 
-def share_of_peak_needed(target_s: float, gflop: float, peak_gflops: float) -> float:
-  """Percent of `peak_gflops` at which `gflop` of work would have to run to take `target_s`."""
-  return 100.0 * gflop / target_s / peak_gflops
+def percent_of_peak(seconds: float, gflop: float, peak_gflops: float) -> float:
+  """Percent of `peak_gflops` at which `gflop` of work runs when it takes `seconds`: the speed a
+  step reaches, or for a target time the speed it would need."""
+  return 100.0 * gflop / seconds / peak_gflops
 
 
 def _median_seconds(fn, steps: int) -> float:
@@ -292,10 +293,10 @@ def main():
       hf_result["backbone_s"] = bench_hf_backbone(config, batch, args.steps)
     ratio = jax_result["step_s"] / hf_result["step_s"] if hf_result else nan
     hf_gflop = hf_result["gflop"] if hf_result else nan
-    jax_pct = 100 * jax_result["gflop"] / jax_result["step_s"] / jax_peak
-    hf_pct = 100 * hf_gflop / hf_result["step_s"] / torch_peak if hf_result else nan
+    jax_pct = percent_of_peak(jax_result["step_s"], jax_result["gflop"], jax_peak)
+    hf_pct = percent_of_peak(hf_result["step_s"], hf_gflop, torch_peak) if hf_result else nan
     target_s = 0.5 * hf_result["step_s"] if hf_result else nan
-    needed_pct = share_of_peak_needed(target_s, hf_gflop, jax_peak) if hf_result else nan
+    needed_pct = percent_of_peak(target_s, hf_gflop, jax_peak) if hf_result else nan
     print(f"{name:8s} {jax_result['compile_s']:14.1f} {jax_result['step_s']:11.3f} "
           f"{hf_result['step_s'] if hf_result else nan:10.3f} {ratio:7.2f} "
           f"{jax_result['backbone_s']:15.3f} {hf_result['backbone_s'] if hf_result else nan:14.3f} "
