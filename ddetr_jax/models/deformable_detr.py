@@ -19,10 +19,9 @@ import jax.numpy as jnp
 
 from ddetr_jax import errors
 from ddetr_jax.models import initializers
-from ddetr_jax.models import conv as conv_lib
 from ddetr_jax.models.dense import Dense
 from ddetr_jax.models.backbone import ResNet
-from ddetr_jax.models.conv import Conv
+from ddetr_jax.models.conv import IMPLS as CONV_IMPLS, Conv
 from ddetr_jax.models.conv1x1 import Conv1x1
 from ddetr_jax.models.masks import resize_padding_mask, valid_ratios
 from ddetr_jax.models.position_encoding import sine_position_encoding
@@ -114,8 +113,8 @@ class DeformableDETR(nn.Module):
       raise errors.InvalidInputError(f"hidden_dim must be a multiple of 32 (GroupNorm(32)), got {self.hidden_dim}")
     if self.num_feature_levels < 1:
       raise errors.InvalidInputError(f"num_feature_levels must be >= 1, got {self.num_feature_levels}")
-    if self.backbone_stem_impl not in conv_lib.IMPLS:
-      raise errors.InvalidInputError(f"model.backbone_stem_impl must be one of {conv_lib.IMPLS}, "
+    if self.backbone_stem_impl not in CONV_IMPLS:
+      raise errors.InvalidInputError(f"model.backbone_stem_impl must be one of {CONV_IMPLS}, "
                                      f"got {self.backbone_stem_impl!r}")
 
   def _heads(self, init_key: jax.Array, num_pred: int):
