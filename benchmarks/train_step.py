@@ -2,7 +2,7 @@
 
   python benchmarks/train_step.py [--configs tiny,full] [--batch 2] [--size 256] [--steps 5]
                                  [--malloc tuned|default] [--attention_impl auto]
-                                 [--dtype float32|bfloat16]
+                                 [--dtype float32|bfloat16] [--hf_device auto|cpu|cuda]
 
 For each config: JAX compile time of the train step (trainer.make_train_step, 1-device mesh) and
 seconds per step after compilation, and HF `DeformableDetrForObjectDetection` (randomly
@@ -12,8 +12,11 @@ targets, training the same parameters (backbone stages 2-4 and everything after 
 configs/deformable_detr.py:default (ResNet-50, 6+6 layers, 300 queries); `tiny` is
 configs/tiny.py. JAX's CPU dispatch is synchronous as in train.py (`ddetr_jax.cpu_dispatch`;
 DDETR_JAX_ASYNC_DISPATCH=1 keeps JAX's asynchronous default). The JAX model's sampler is
-`--attention_impl` (default "auto": the C++ kernel on the CPU, as configs/shapes.py uses; HF's
-model on the CPU runs its PyTorch grid_sample formulation). Also times the backbone alone
+`--attention_impl` (default "auto": the C++ kernel on the CPU, the Pallas kernel on a GPU, as
+configs/shapes.py uses; HF's model runs its PyTorch grid_sample formulation, since no hub
+kernel can be fetched). HF runs on `--hf_device`: by default the kind of device JAX runs on (a
+GPU when JAX has one and torch sees CUDA), so both frameworks are timed on the same processor;
+on a GPU the timers wait for the queued work (`block_until_ready`, `torch.cuda.synchronize`). Also times the backbone alone
 (forward + backward of stages 2-4) in both frameworks, since at the tiny size it is most of the
 step, and the work per step: XLA's cost
 analysis of the compiled JAX step (all arithmetic) and torch's FlopCounterMode over one HF step
@@ -92,16 +95,37 @@ def bench_jax(config, batch: dict, steps: int) -> dict:
           "loss": float(metrics["loss"]), "gflop": float(cost.get("flops", float("nan"))) / 1e9}
 
 
-def _autocast(dtype: str):
-  """torch's CPU mixed precision for a bfloat16 run, nothing for float32."""
+def resolve_hf_device(choice: str, jax_platform: str, cuda_available: bool) -> str:
+  """The torch device HF runs on: `choice` ('cpu' or 'cuda'), or for 'auto' the same kind of
+  device as JAX's (a GPU when JAX runs on one and torch sees CUDA, else the CPU), so that the
+  two frameworks are compared on one processor."""
+  if choice == "auto":
+    return "cuda" if jax_platform == "gpu" and cuda_available else "cpu"
+  if choice not in ("cpu", "cuda"):
+    raise ValueError(f"--hf_device must be auto, cpu or cuda, not {choice!r}")
+  if choice == "cuda" and not cuda_available:
+    raise ValueError("--hf_device cuda: torch sees no CUDA device (torch.cuda.is_available() is "
+                     "False)")
+  return choice
+
+
+def _torch_sync(device: str) -> None:
+  """Waits for the queued torch work on `device` (CUDA runs asynchronously; the CPU does not)."""
+  if device == "cuda":
+    import torch  # pylint: disable=g-import-not-at-top
+    torch.cuda.synchronize()
+
+
+def _autocast(dtype: str, device: str = "cpu"):
+  """torch's mixed precision on `device` for a bfloat16 run, nothing for float32."""
   import contextlib  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   if dtype == "float32":
     return contextlib.nullcontext()
-  return torch.autocast("cpu", dtype=getattr(torch, dtype))
+  return torch.autocast(device, dtype=getattr(torch, dtype))
 
 
-def bench_hf(config, batch: dict, steps: int) -> dict:
+def bench_hf(config, batch: dict, steps: int, device: str = "cpu") -> dict:
   import torch  # pylint: disable=g-import-not-at-top
   from transformers import (DeformableDetrConfig, DeformableDetrForObjectDetection,  # pylint: disable=g-import-not-at-top
                             ResNetConfig)
@@ -121,7 +145,7 @@ def bench_hf(config, batch: dict, steps: int) -> dict:
       decoder_n_points=m.dec_n_points, with_box_refine=m.with_box_refine,
       two_stage=m.two_stage, auxiliary_loss=m.aux_loss, dropout=m.dropout)
   torch.manual_seed(0)
-  model = DeformableDetrForObjectDetection(hf_config).train()
+  model = DeformableDetrForObjectDetection(hf_config).to(device).train()
   # Same trainable set as the official code and ddetr_jax: ResNet stages 2-4 train, the stem and
   # stage 1 stay frozen. HF's own rule freezes the whole HF ResNet (it looks for "stage.1" in
   # parameter names that read "stages.1"), which would skip the backbone's backward pass.
@@ -132,36 +156,41 @@ def bench_hf(config, batch: dict, steps: int) -> dict:
     raise RuntimeError("no trainable HF backbone parameter: the stage naming changed")
   optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr,
                                 weight_decay=config.optim.weight_decay)
-  pixel_values = torch.from_numpy(batch["images"].transpose(0, 3, 1, 2).copy())
-  pixel_mask = torch.from_numpy(~batch["padding_mask"]).long()
-  labels = [{"class_labels": torch.from_numpy(batch["labels"][i][batch["box_mask"][i]]).long(),
-             "boxes": torch.from_numpy(batch["boxes"][i][batch["box_mask"][i]])}
+  pixel_values = torch.from_numpy(batch["images"].transpose(0, 3, 1, 2).copy()).to(device)
+  pixel_mask = torch.from_numpy(~batch["padding_mask"]).long().to(device)
+  labels = [{"class_labels": torch.from_numpy(batch["labels"][i][batch["box_mask"][i]]).long()
+                             .to(device),
+             "boxes": torch.from_numpy(batch["boxes"][i][batch["box_mask"][i]]).to(device)}
             for i in range(len(batch["images"]))]
 
   def step():
     optimizer.zero_grad()
-    with _autocast(config.model.dtype):
+    with _autocast(config.model.dtype, device):
       loss = model(pixel_values=pixel_values, pixel_mask=pixel_mask, labels=labels).loss
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.clip_max_norm)
     optimizer.step()
-    return float(loss.detach())
+    return loss.detach()
 
   step()  # warm-up
+  _torch_sync(device)
   start = time.perf_counter()
-  for _ in range(steps):
+  for _ in range(steps):  # like the JAX loop: no host read of the loss until the end
     loss = step()
+  _torch_sync(device)
   step_s = (time.perf_counter() - start) / steps
+  loss = float(loss)
   from torch.utils.flop_counter import FlopCounterMode  # pylint: disable=g-import-not-at-top
   with FlopCounterMode(display=False) as counter:  # matmuls and convolutions, forward + backward.
     step()
   return {"step_s": step_s, "loss": loss, "gflop": counter.get_total_flops() / 1e9}
 
 
-def matmul_peaks(dtype: str = "float32", size: int = 2048,
-                 repeats: int = 10) -> tuple[float, float]:
-  """GFLOP/s of a [size, size] @ [size, size] matmul in XLA and in torch, operands in `dtype`
-  (bf16: float32 accumulation, as the model's matmuls)."""
+def matmul_peaks(dtype: str = "float32", size: int = 2048, repeats: int = 10,
+                 torch_device: str = "cpu") -> tuple[float, float]:
+  """GFLOP/s of a [size, size] @ [size, size] matmul in XLA (on JAX's default device) and in
+  torch (on `torch_device`), operands in `dtype` (bf16: float32 accumulation, as the model's
+  matmuls)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
@@ -169,8 +198,13 @@ def matmul_peaks(dtype: str = "float32", size: int = 2048,
   a = jnp.ones((size, size), dtype)
   matmul = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
   jax_s = _median_seconds(lambda: jax.block_until_ready(matmul(a, a)), repeats)
-  t = torch.ones(size, size, dtype=getattr(torch, dtype))
-  torch_s = _median_seconds(lambda: t @ t, repeats)
+  t = torch.ones(size, size, dtype=getattr(torch, dtype), device=torch_device)
+
+  def torch_matmul():
+    _ = t @ t
+    _torch_sync(torch_device)
+
+  torch_s = _median_seconds(torch_matmul, repeats)
   return flop / jax_s, flop / torch_s
 
 
@@ -210,7 +244,7 @@ def bench_jax_backbone(config, batch: dict, steps: int) -> float:
   return _median_seconds(lambda: jax.block_until_ready(grad(trainable, frozen, images)), steps)
 
 
-def bench_hf_backbone(config, batch: dict, steps: int) -> float:
+def bench_hf_backbone(config, batch: dict, steps: int, device: str = "cpu") -> float:
   """The same for HF's ResNet (stem and stage 1 frozen)."""
   import torch  # pylint: disable=g-import-not-at-top
   from transformers import ResNetBackbone, ResNetConfig  # pylint: disable=g-import-not-at-top
@@ -218,16 +252,18 @@ def bench_hf_backbone(config, batch: dict, steps: int) -> float:
   torch.manual_seed(0)
   net = ResNetBackbone(ResNetConfig(layer_type=layer_type, depths=depths, hidden_sizes=sizes,
                                     embedding_size=64,
-                                    out_features=["stage2", "stage3", "stage4"])).train()
+                                    out_features=["stage2", "stage3", "stage4"]))
+  net = net.to(device).train()
   for name, param in net.named_parameters():
     param.requires_grad_(any(f"stages.{i}." in name for i in (1, 2, 3)))
-  images = torch.from_numpy(batch["images"].transpose(0, 3, 1, 2).copy())
+  images = torch.from_numpy(batch["images"].transpose(0, 3, 1, 2).copy()).to(device)
 
   def step():
     net.zero_grad()
-    with _autocast(config.model.dtype):
+    with _autocast(config.model.dtype, device):
       features = net(images).feature_maps
     sum((f.float() ** 2).sum() for f in features).backward()
+    _torch_sync(device)
 
   return _median_seconds(step, steps)
 
@@ -248,6 +284,9 @@ def main():
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                       help="compute dtype of both frameworks (bfloat16: JAX model.dtype, HF "
                            "under torch.autocast; params and optimizer stay float32)")
+  parser.add_argument("--hf_device", default="auto", choices=("auto", "cpu", "cuda"),
+                      help="torch device of the HF model: auto (CUDA when JAX runs on a GPU and "
+                           "torch sees one, else the CPU), cpu or cuda")
   parser.add_argument("--attention_impl", default="auto",
                       help="the JAX model's ms_deform_attn impl: auto, cpu, xla, xla_packed")
   args = parser.parse_args()
@@ -265,14 +304,17 @@ def main():
   impl = args.attention_impl
   if impl == "auto":
     impl = ms_deform_attn.resolve_auto_impl()
-  print(f"jax {jax.__version__} on {jax.devices()[0].platform}; torch {torch.__version__} "
-        f"with {torch.get_num_threads()} threads; batch {args.batch}, {args.size}x{args.size} px, "
+  hf_device = resolve_hf_device(args.hf_device, jax.default_backend(), torch.cuda.is_available())
+  torch_where = (f"on {torch.cuda.get_device_name()}" if hf_device == "cuda"
+                 else f"on the CPU with {torch.get_num_threads()} threads")
+  print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()}); "
+        f"torch {torch.__version__} {torch_where}; batch {args.batch}, {args.size}x{args.size} px, "
         f"{args.steps} timed steps; compute dtype {args.dtype}; JAX matcher {args.matcher}, "
         f"sampler impl {impl!r}; JAX CPU dispatch {'sync' if sync_dispatch else 'async'}; "
         f"glibc malloc "
         f"{'tuned (ddetr_jax.host_malloc)' if malloc_tuned else 'left at its defaults'}"
         f"{', transparent huge pages (glibc.malloc.hugetlb=1)' if huge_pages else ''}")
-  jax_peak, torch_peak = matmul_peaks(args.dtype)
+  jax_peak, torch_peak = matmul_peaks(args.dtype, torch_device=hf_device)
   print(f"2048^3 {args.dtype} matmul: XLA {jax_peak:.0f} GFLOP/s, torch {torch_peak:.0f} GFLOP/s")
   print(f"{'config':8s} {'jax compile s':>14s} {'jax s/step':>11s} {'hf s/step':>10s} "
         f"{'jax/hf':>7s} {'jax backbone s':>15s} {'hf backbone s':>14s} {'jax GFLOP':>10s} "
@@ -289,8 +331,8 @@ def main():
     jax_result["backbone_s"] = bench_jax_backbone(config, batch, args.steps)
     hf_result = None
     if not args.skip_hf:
-      hf_result = bench_hf(config, batch, args.steps)
-      hf_result["backbone_s"] = bench_hf_backbone(config, batch, args.steps)
+      hf_result = bench_hf(config, batch, args.steps, hf_device)
+      hf_result["backbone_s"] = bench_hf_backbone(config, batch, args.steps, hf_device)
     ratio = jax_result["step_s"] / hf_result["step_s"] if hf_result else nan
     hf_gflop = hf_result["gflop"] if hf_result else nan
     jax_pct = percent_of_peak(jax_result["step_s"], jax_result["gflop"], jax_peak)
@@ -303,6 +345,7 @@ def main():
           f"{jax_result['gflop']:10.1f} {hf_gflop:9.1f} {jax_pct:10.0f} {hf_pct:9.0f} "
           f"{target_s:9.3f} {needed_pct:13.0f}")
     print(json.dumps({"config": name, "attention_impl": impl, "dtype": args.dtype,
+                      "jax_device": jax.devices()[0].device_kind, "hf_device": hf_device,
                       "batch": args.batch,
                       "size": args.size, "jax": jax_result, "hf": hf_result,
                       "jax_over_hf": ratio, "target_s": target_s,
