@@ -4,9 +4,9 @@
 image, 128 px images) is generated on first use into `data.cache_dir` (a few seconds) and read
 as a COCO folder, so training and COCO evaluation run exactly as on real data, on a CPU.
 
-The recipe was picked by measuring COCO AP after 600 steps (README, "The demo"): the two-stage
-variant, training the stem and layer1 of the from-scratch ResNet-18, and no random crops each
-helped; a higher or lower learning rate, a GroupNorm backbone and batch 4 did not. One fixed
+The recipe was picked by measuring COCO AP after 600 steps (benchmarks/RESULTS.md, "Demo"): the
+two-stage variant, training the stem and layer1 of the from-scratch ResNet-18, and no random crops
+each helped; a higher or lower learning rate, a GroupNorm backbone and batch 4 did not. One fixed
 training scale (128) instead of (96, 112, 128) measured AP 0.376 against 0.350 after 8 epochs,
 and 2 sampling points instead of 4, 12 epochs in less time than 10 with 4: 0.486 against 0.453.
 At 13 epochs, 1 encoder + 4 decoder layers measured AP50 0.777-0.799 (two runs) against 0.731
@@ -15,7 +15,7 @@ epochs a clean `make demo` gave AP 0.535 / AP50 0.797 (twice: the run is determi
 epochs (lr drop after 15) AP 0.556 / AP50 0.835 in 12 min 19 s. With the C++ sampler kernel
 (attention_impl "auto" on a CPU) the step is faster: 16 epochs gave AP 0.556 / AP50 0.805 in
 9 min 56 s, 18 epochs (lr drop after 17) AP 0.589 / AP50 0.842 in 9 min 28 s of training
-(README, "The demo").
+(benchmarks/RESULTS.md, "Demo").
 """
 from configs import deformable_detr
 

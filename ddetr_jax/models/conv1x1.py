@@ -8,7 +8,7 @@ kernel gradient of a 1x1 conv becomes a conv with batch and feature dimensions s
 needs a transposing copy of the activations (NHWC -> CHWN, slow when fused with the producer);
 a dot's gradient is two dots. Writing the ResNet-50 bottleneck's 1x1 convs as matmuls took the
 backbone's forward + backward from 0.54-0.61 s to 0.43-0.45 s; the input projections of the
-three backbone levels followed (README, "Training").
+three backbone levels followed (benchmarks/RESULTS.md, "Train step").
 """
 from typing import Any, Callable
 

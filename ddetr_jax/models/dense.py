@@ -9,7 +9,7 @@ Why not `nn.Dense`:
   computed it from a transposed copy of the output gradient, fused with that gradient's producer:
   a strided loop that re-evaluates the producer per element. Flattening the leading axes first
   makes forward and backward plain 2-D matmuls. In the full ResNet-50 train step this removed
-  most of the transposing copies (README, "Training").
+  most of the transposing copies (benchmarks/RESULTS.md, "Train step").
 - With a bfloat16 `dtype` it rounds the bias and the result of every product to bf16 and lets
   XLA:CPU run the dot in float32; `matmul` accumulates in float32 on the CPU's bf16 units.
 """
