@@ -2,6 +2,7 @@
 import filecmp
 import json
 import os
+import tempfile
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from ddetr_jax import data
 from ddetr_jax import errors
 from ddetr_jax.data import coco_folder
 from ddetr_jax.data import shapes
+from tests import tfds_coco_mock
 
 _SPEC = shapes.ShapesSpec(num_train=12, num_val=4, image_size=64, seed=3, min_objects=0,
                           max_objects=3)
@@ -244,8 +246,9 @@ def test_eval_batches_with_ground_truth_give_perfect_ap(tmp_path):
   assert evaluator.stats[0] > 0.99
 
 
-def test_tfds_source_through_mock_data(monkeypatch):
+def test_tfds_source_through_mock_data(monkeypatch, tmp_path):
   import tensorflow_datasets as tfds
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # TFDS's mkdtemp() under mock_data
   examples = [
       {"image": np.full((20, 40, 3), 9, np.uint8), "image/id": np.int64(7),
        "image/filename": "x.jpg",
@@ -277,3 +280,16 @@ def test_tfds_source_through_mock_data(monkeypatch):
     config.data.category_ids = "contiguous"
     contiguous = data.build_source(config.data, "val")
     assert contiguous[0]["labels"].tolist() == [0] and contiguous.label_to_category[11] == 13
+
+
+def test_mock_coco_leaves_no_tfds_folders_behind(tmp_path, monkeypatch):
+  # TFDS makes an empty tempfile.mkdtemp("tfds") per builder when no dataset_info.json exists,
+  # as under mock_data; the mock keeps them in a folder of its own and removes it.
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+  config = tiny.get_config()
+  config.data.source = "tfds"
+  with tfds_coco_mock.mock_coco():
+    assert len(data.build_source(config.data, "val")) == len(tfds_coco_mock.VALIDATION)
+    assert tempfile.gettempdir() != str(tmp_path)
+  assert tempfile.gettempdir() == str(tmp_path)
+  assert list(tmp_path.iterdir()) == []

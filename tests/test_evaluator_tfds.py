@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -80,8 +81,9 @@ def test_evaluate_perfect_predictions_on_tfds(tmp_path, category_ids, use_mesh):
       assert len(found) == (0 if crowd else 1), (image_id, category, bbox)
 
 
-def test_missing_tfds_dataset_names_it_and_the_data_dir(tmp_path):
+def test_missing_tfds_dataset_names_it_and_the_data_dir(tmp_path, monkeypatch):
   """No mock: the data dir has no coco/2017; nothing is downloaded, the error says what is missing."""
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # TFDS's mkdtemp() for a missing info
   config = _tfds_config()
   config.data.tfds_data_dir = str(tmp_path / "tfds_data")
   with pytest.raises(FileNotFoundError) as error:

@@ -13,6 +13,8 @@ both sides of COCO's unused ids), a crowd box and an image without objects. `EXP
 its COCO ground truth, worked out by hand: [x, y, w, h] in original pixels and COCO ids.
 """
 import contextlib
+import os
+import tempfile
 from typing import Optional, Sequence
 
 import numpy as np
@@ -83,5 +85,25 @@ def mock_coco(validation: Optional[Sequence[dict]] = None, train: Optional[Seque
       raise ValueError(f"mocked {builder.name} has no split {split!r}")
     return _SerializedSource(builder.info.features, splits[split], decoders)
 
-  with tfds.testing.mock_data(as_data_source_fn=as_data_source):
+  # Under mock_data no dataset_info.json exists, so every tfds.builder() reads the dataset info
+  # "from the GCS bucket" into a fresh tempfile.mkdtemp() that TFDS never removes; those empty
+  # folders go to a temporary folder of ours, removed on exit.
+  with tempfile.TemporaryDirectory(prefix="tfds_coco_mock_") as scratch, \
+      _tempdir(scratch), tfds.testing.mock_data(as_data_source_fn=as_data_source):
     yield
+
+
+@contextlib.contextmanager
+def _tempdir(path: str):
+  """tempfile's default folder is `path` inside the block, in this process and in the processes
+  it starts there (TMPDIR: the loader's worker processes build sources too)."""
+  saved, saved_env = tempfile.tempdir, os.environ.get("TMPDIR")
+  tempfile.tempdir = os.environ["TMPDIR"] = path
+  try:
+    yield
+  finally:
+    tempfile.tempdir = saved
+    if saved_env is None:
+      os.environ.pop("TMPDIR", None)
+    else:
+      os.environ["TMPDIR"] = saved_env
