@@ -52,9 +52,11 @@ struct Corner {
 
 // The four corners of normalized (lx, ly) on an (h, w) map. Returns false for a NaN location;
 // callers then make the point's output and gradients NaN, as impl="xla" does. Clipping to [-2, size + 1] changes no result (every corner of
-// a clipped point is outside) and keeps the integer conversion defined.
+// a clipped point is outside) and keeps the integer conversion defined. Forced inline: GCC
+// left it out of line in the backward's corner pass, 10% of the backward's time there.
 template <typename T>
-bool Corners(T lx, T ly, int64_t h, int64_t w, Corner<T> out[4]) {
+__attribute__((always_inline)) inline bool Corners(T lx, T ly, int64_t h, int64_t w,
+                                                   Corner<T> out[4]) {
   if (std::isnan(lx) || std::isnan(ly)) return false;
   const T x = std::min(std::max(lx * static_cast<T>(w) - T(0.5), T(-2)), static_cast<T>(w + 1));
   const T y = std::min(std::max(ly * static_cast<T>(h) - T(0.5), T(-2)), static_cast<T>(h + 1));
@@ -176,53 +178,52 @@ ffi::Error ReadGeometry(ffi::AnyBuffer value, ffi::AnyBuffer loc, ffi::AnyBuffer
 // one's (1.2-1.3x faster than no prefetch; collecting the corners first as the backward does
 // was 1.5x slower), the backward collects the current query's corners and prefetches their
 // value and gradient rows before using any (1.5x faster than no prefetch; prefetching one
-// query ahead instead was 2x slower).
+// query ahead instead was 2x slower). When a unit's rows fit in L2 (the training shapes,
+// 1360 rows of 32 floats, 174 KB), prefetching them only costs instructions, so the units
+// prefetch rows only above kPrefetchBytes. The per-query inputs (loc, attn, grad_out: a
+// few lines each, M * row apart) are prefetched kQueriesAhead queries ahead at every size.
+constexpr int64_t kPrefetchBytes = 512 * 1024;
+constexpr int64_t kQueriesAhead = 4;
 
-// The in-bounds corners of all L * P sampling points of one (b, q, m): row offset of each
-// corner in value ((start_l + pixel) * M * D, head offset excluded), with its weights; each
-// row is prefetched as it is collected.
+// Whether `arrays` arrays of S rows of D elements (whole cache lines) are worth prefetching.
 template <typename T>
-struct QueryCorners {
-  struct Entry {
-    int64_t row;       // (start_l + pixel) * M * D
-    int32_t lp;        // l * P + p
-    T weight, dweight_dx, dweight_dy;
-  };
-  std::vector<Entry> entries;
+bool WorthPrefetching(const Geometry& g, int64_t arrays) {
+  const int64_t lines = (g.D + kFloatsPerLine<T> - 1) / kFloatsPerLine<T>;
+  return arrays * g.S * lines * 64 > kPrefetchBytes;
+}
 
-  std::vector<int32_t> nan_points;  // l * P + p of points at a NaN location
+// Prefetches the n elements at p.
+template <typename T>
+void PrefetchSpan(const T* p, int64_t n) {
+  for (int64_t off = 0; off < n; off += kFloatsPerLine<T>) __builtin_prefetch(p + off, 0, 3);
+}
 
-  void Collect(const Geometry& g, const T* lq, const T* rows_to_prefetch,
-               T* grad_rows_to_prefetch) {
-    entries.clear();
-    nan_points.clear();
-    const int64_t MD = g.M * g.D;
-    for (int64_t l = 0; l < g.L; ++l) {
-      for (int64_t p = 0; p < g.P; ++p) {
-        const int64_t lp = l * g.P + p;
-        Corner<T> c[4];
-        if (!Corners(lq[2 * lp], lq[2 * lp + 1], g.height[l], g.width[l], c)) {
-          nan_points.push_back(static_cast<int32_t>(lp));
-          continue;
-        }
-        for (int k = 0; k < 4; ++k) {
-          if (c[k].pixel < 0) continue;
-          const int64_t row = (g.start[l] + c[k].pixel) * MD;
-          entries.push_back({row, static_cast<int32_t>(lp), c[k].weight, c[k].dweight_dx,
-                             c[k].dweight_dy});
-          for (int64_t off = 0; off < g.D; off += kFloatsPerLine<T>) {
-            __builtin_prefetch(rows_to_prefetch + row + off, 0, 3);
-            if (grad_rows_to_prefetch) __builtin_prefetch(grad_rows_to_prefetch + row + off, 1, 3);
-          }
-        }
-      }
-    }
+// A head's rows are M * D apart in value, so with M * D * sizeof(T) a power of two (1 KB at
+// 8 heads x 32 floats) they fall in only one in M of the L1 and L2 sets: one head's value and
+// gradient rows (348 KB at the training shapes) thrash an L2 they would fit in several times
+// over. A unit that reads its rows often enough works on a contiguous (S, D) copy instead:
+// 1.5-1.8x faster forward and backward, at the training and the 800x1066 shapes. "Often
+// enough": at least two sampled corners per row on average, so the copy (S rows) costs
+// little next to the sampling; a decoder on a large map (300 queries, 18k rows) reads too
+// few of its rows for a copy to pay.
+template <typename T>
+bool WorthCopying(const Geometry& g, int64_t queries) {
+  return queries * g.L * g.P * 4 >= 2 * g.S;
+}
+
+// The D elements of each of the S rows at src, rows src_stride apart, to dst, rows
+// dst_stride apart.
+template <typename T>
+void CopyRows(const Geometry& g, const T* src, int64_t src_stride, T* dst, int64_t dst_stride) {
+  for (int64_t s = 0; s < g.S; ++s) {
+    std::copy(src + s * src_stride, src + s * src_stride + g.D, dst + s * dst_stride);
   }
-};
+}
 
-// Prefetches the value rows that the L * P sampling points at lq ((x, y) pairs) will read.
+// Prefetches the value rows (row_stride apart) that the L * P sampling points at lq ((x, y)
+// pairs) will read.
 template <typename T>
-void PrefetchValueRows(const Geometry& g, const T* lq, const T* vb) {
+void PrefetchValueRows(const Geometry& g, const T* lq, const T* vb, int64_t row_stride) {
   for (int64_t l = 0; l < g.L; ++l) {
     for (int64_t p = 0; p < g.P; ++p) {
       const int64_t lp = l * g.P + p;
@@ -230,8 +231,7 @@ void PrefetchValueRows(const Geometry& g, const T* lq, const T* vb) {
       if (!Corners(lq[2 * lp], lq[2 * lp + 1], g.height[l], g.width[l], c)) continue;
       for (int k = 0; k < 4; ++k) {
         if (c[k].pixel < 0) continue;
-        const T* v = vb + (g.start[l] + c[k].pixel) * g.M * g.D;
-        for (int64_t off = 0; off < g.D; off += kFloatsPerLine<T>) __builtin_prefetch(v + off, 0, 3);
+        PrefetchSpan(vb + (g.start[l] + c[k].pixel) * row_stride, g.D);
       }
     }
   }
@@ -252,13 +252,28 @@ void ForwardUnit(const Geometry& g, int64_t unit, const T* __restrict value,
   const int64_t chunks = (g.Q + kForwardChunk - 1) / kForwardChunk;
   const int64_t bm = unit / chunks, chunk = unit % chunks;
   const int64_t b = bm / g.M, m = bm % g.M, D = kD > 0 ? kD : g.D, LP = g.L * g.P;
-  const int64_t q_end = std::min(g.Q, (chunk + 1) * kForwardChunk);
-  const T* vb = value + b * g.S * g.M * D + m * D;  // + (start_l + pixel) * M * D
-  for (int64_t q = chunk * kForwardChunk; q < q_end; ++q) {
+  const int64_t q_begin = chunk * kForwardChunk, q_end = std::min(g.Q, q_begin + kForwardChunk);
+  const T* vb = value + b * g.S * g.M * D + m * D;  // + (start_l + pixel) * stride
+  int64_t stride = g.M * D;
+  std::vector<T> rows;  // the contiguous copy, when WorthCopying
+  if (WorthCopying<T>(g, q_end - q_begin)) {
+    rows.resize(g.S * D);
+    CopyRows(g, vb, stride, rows.data(), D);
+    vb = rows.data();
+    stride = D;
+  }
+  const bool prefetch = WorthPrefetching<T>(g, 1);
+  for (int64_t q = q_begin; q < q_end; ++q) {
     const int64_t bqm = (b * g.Q + q) * g.M + m;
     const T* lq = loc + bqm * LP * 2;
     const T* aq = attn + bqm * LP;
-    if (q + 1 < q_end) PrefetchValueRows<T>(g, lq + g.M * LP * 2, vb);  // the next query's
+    if (q + kQueriesAhead < q_end) {
+      PrefetchSpan(lq + kQueriesAhead * g.M * LP * 2, LP * 2);
+      PrefetchSpan(aq + kQueriesAhead * g.M * LP, LP);
+    }
+    if (prefetch && q + 1 < q_end) {
+      PrefetchValueRows<T>(g, lq + g.M * LP * 2, vb, stride);  // the next query's
+    }
     T local[kD > 0 ? kD : 1];
     T* __restrict o = kD > 0 ? local : out + bqm * D;
     std::fill(o, o + D, T(0));
@@ -273,7 +288,7 @@ void ForwardUnit(const Geometry& g, int64_t unit, const T* __restrict value,
         for (int k = 0; k < 4; ++k) {
           if (c[k].pixel < 0) continue;
           const T coef = aq[lp] * c[k].weight;
-          const T* __restrict v = vb + (g.start[l] + c[k].pixel) * g.M * D;
+          const T* __restrict v = vb + (g.start[l] + c[k].pixel) * stride;
           for (int64_t d = 0; d < D; ++d) o[d] += coef * v[d];
         }
       }
@@ -282,74 +297,137 @@ void ForwardUnit(const Geometry& g, int64_t unit, const T* __restrict value,
   }
 }
 
+// The sum of part[0, kLanes), added pairwise (the halves, then their halves, ...): GCC turns
+// this into a few vector shuffles and adds without -ffast-math (an in-place loop over one
+// array went through the stack instead). Forced inline: left out of line, the array is
+// stored to the stack for the call.
+template <typename T, int kLanes>
+__attribute__((always_inline)) inline T SumLanes(const T* part) {
+  if constexpr (kLanes == 1) {
+    return part[0];
+  } else {
+    T half[kLanes / 2];
+    for (int j = 0; j < kLanes / 2; ++j) half[j] = part[j] + part[j + kLanes / 2];
+    return SumLanes<T, kLanes / 2>(half);
+  }
+}
+
+// One corner row of the backward: gv += coef * go, and returns go . v. kD as in ForwardUnit.
+// With kD a multiple of kLanes (one vector register's worth), the dot product sums kLanes
+// partial sums, then adds them pairwise, so that it vectorizes without -ffast-math; otherwise
+// it sums element by element.
+template <typename T, int kD>
+__attribute__((always_inline)) inline T DotAndAccumulate(int64_t D, const T* __restrict go,
+                                                          const T* __restrict v,
+                                                          T* __restrict gv, T coef) {
+  constexpr int kLanes = kFloatsPerLine<T>;
+  if constexpr (kD > 0 && kD % kLanes == 0) {
+    T part[kLanes] = {};
+    for (int64_t d = 0; d < kD; d += kLanes) {
+      for (int j = 0; j < kLanes; ++j) {
+        part[j] += go[d + j] * v[d + j];
+        gv[d + j] += coef * go[d + j];
+      }
+    }
+    return SumLanes<T, kLanes>(part);
+  } else {
+    T dot = 0;
+    for (int64_t d = 0; d < D; ++d) {
+      dot += go[d] * v[d];
+      gv[d] += coef * go[d];
+    }
+    return dot;
+  }
+}
+
 // Gradients of one (b, m) unit given grad_out g: value (rows of head m), loc and attn.
-// kD as in ForwardUnit. The dot product with the output gradient sums kLanes partial sums
-// (one vector register's worth) and then adds them pairwise, so that it vectorizes without
-// -ffast-math; kD == 0, or a D that is not a multiple of kLanes, sums element by element.
+// kD as in ForwardUnit; the output-gradient row is then copied to a local array, which stays
+// in registers. Per query, a first pass finds the corners of all L * P points (and, above
+// kPrefetchBytes, prefetches their value and gradient rows, so that their misses overlap);
+// the second reads each corner row once for its dot product with the output gradient and
+// adds into the same row of the value gradient, summing each point's gradients in locals.
 template <typename T, int kD>
 void BackwardUnit(const Geometry& g, int64_t unit, const T* __restrict value,
                   const T* __restrict loc, const T* __restrict attn, const T* __restrict gout,
                   T* __restrict gvalue, T* __restrict gloc, T* __restrict gattn) {
-  constexpr int64_t kLanes = kFloatsPerLine<T>;
-  constexpr bool kVectorDot = kD > 0 && kD % kLanes == 0;
   const int64_t b = unit / g.M, m = unit % g.M, D = kD > 0 ? kD : g.D, LP = g.L * g.P;
-  const int64_t offset = b * g.S * g.M * D + m * D;  // + row
+  const int64_t offset = b * g.S * g.M * D + m * D;  // + (start_l + pixel) * stride
   const T* vb = value + offset;
   T* gvb = gvalue + offset;
-  for (int64_t s = 0; s < g.S; ++s) std::fill(gvb + s * g.M * D, gvb + s * g.M * D + D, T(0));
-  QueryCorners<T> qc;
-  qc.entries.reserve(4 * LP);
-  std::vector<T> grad_a(LP), grad_x(LP), grad_y(LP);
+  int64_t stride = g.M * D;
+  std::vector<T> rows, grad_rows;  // the contiguous copies, when WorthCopying
+  const bool copy = WorthCopying<T>(g, g.Q);
+  if (copy) {
+    rows.resize(g.S * D);
+    grad_rows.assign(g.S * D, T(0));
+    CopyRows(g, vb, stride, rows.data(), D);
+    vb = rows.data();
+    gvb = grad_rows.data();
+    stride = D;
+  } else {
+    for (int64_t s = 0; s < g.S; ++s) std::fill(gvb + s * stride, gvb + s * stride + D, T(0));
+  }
+  const bool prefetch = WorthPrefetching<T>(g, 2);
+  std::vector<Corner<T>> corners(4 * LP);
+  std::vector<char> nan_point(LP);  // char, not bool: plain bytes
+  T go_local[kD > 0 ? kD : 1];
   for (int64_t q = 0; q < g.Q; ++q) {
     const int64_t bqm = (b * g.Q + q) * g.M + m;
-    const T* __restrict go = gout + bqm * D;
+    const T* lq = loc + bqm * LP * 2;
     const T* aq = attn + bqm * LP;
-    qc.Collect(g, loc + bqm * LP * 2, vb, gvb);
-    std::fill(grad_a.begin(), grad_a.end(), T(0));
-    std::fill(grad_x.begin(), grad_x.end(), T(0));
-    std::fill(grad_y.begin(), grad_y.end(), T(0));
-    for (const auto& e : qc.entries) {
-      const T* __restrict v = vb + e.row;
-      T* __restrict gv = gvb + e.row;
-      const T coef = aq[e.lp] * e.weight;
-      T dot = 0;
-      if constexpr (kVectorDot) {
-        T part[kLanes] = {};
-        for (int64_t d = 0; d < D; d += kLanes) {
-          for (int64_t j = 0; j < kLanes; ++j) {
-            part[j] += go[d + j] * v[d + j];
-            gv[d + j] += coef * go[d + j];
+    const T* __restrict go = gout + bqm * D;
+    if (q + kQueriesAhead < g.Q) {
+      PrefetchSpan(lq + kQueriesAhead * g.M * LP * 2, LP * 2);
+      PrefetchSpan(aq + kQueriesAhead * g.M * LP, LP);
+      PrefetchSpan(go + kQueriesAhead * g.M * D, D);
+    }
+    for (int64_t l = 0; l < g.L; ++l) {
+      for (int64_t p = 0; p < g.P; ++p) {
+        const int64_t lp = l * g.P + p;
+        Corner<T>* c = &corners[4 * lp];
+        nan_point[lp] = !Corners(lq[2 * lp], lq[2 * lp + 1], g.height[l], g.width[l], c);
+        if (!prefetch || nan_point[lp]) continue;
+        for (int k = 0; k < 4; ++k) {
+          if (c[k].pixel < 0) continue;
+          const int64_t row = (g.start[l] + c[k].pixel) * stride;
+          for (int64_t off = 0; off < D; off += kFloatsPerLine<T>) {
+            __builtin_prefetch(vb + row + off, 0, 3);
+            __builtin_prefetch(gvb + row + off, 1, 3);
           }
         }
-        for (int64_t w = kLanes / 2; w > 0; w /= 2) {
-          for (int64_t j = 0; j < w; ++j) part[j] += part[j + w];
-        }
-        dot = part[0];
-      } else {
-        for (int64_t d = 0; d < D; ++d) {
-          dot += go[d] * v[d];
-          gv[d] += coef * go[d];
-        }
       }
-      grad_a[e.lp] += e.weight * dot;
-      grad_x[e.lp] += e.dweight_dx * dot;
-      grad_y[e.lp] += e.dweight_dy * dot;
     }
-    for (int32_t lp : qc.nan_points) {  // a NaN location has NaN gradients, as in impl="xla"
-      grad_a[lp] = grad_x[lp] = grad_y[lp] = std::numeric_limits<T>::quiet_NaN();
+    if constexpr (kD > 0) {
+      std::copy(go, go + kD, go_local);
+      go = go_local;
     }
     T* glq = gloc + bqm * LP * 2;
     T* gaq = gattn + bqm * LP;
     for (int64_t l = 0; l < g.L; ++l) {
       for (int64_t p = 0; p < g.P; ++p) {
         const int64_t lp = l * g.P + p;
+        if (nan_point[lp]) {  // a NaN location has NaN gradients, as in impl="xla"
+          gaq[lp] = glq[2 * lp] = glq[2 * lp + 1] = std::numeric_limits<T>::quiet_NaN();
+          continue;
+        }
+        T grad_a = 0, grad_x = 0, grad_y = 0;
+        for (int k = 0; k < 4; ++k) {
+          const Corner<T>& c = corners[4 * lp + k];
+          if (c.pixel < 0) continue;
+          const int64_t row = (g.start[l] + c.pixel) * stride;
+          const T dot = DotAndAccumulate<T, kD>(D, go, vb + row, gvb + row, aq[lp] * c.weight);
+          grad_a += c.weight * dot;
+          grad_x += c.dweight_dx * dot;
+          grad_y += c.dweight_dy * dot;
+        }
         // d x / d loc_x = W, d y / d loc_y = H.
-        gaq[lp] = grad_a[lp];
-        glq[2 * lp] = grad_x[lp] * aq[lp] * static_cast<T>(g.width[l]);
-        glq[2 * lp + 1] = grad_y[lp] * aq[lp] * static_cast<T>(g.height[l]);
+        gaq[lp] = grad_a;
+        glq[2 * lp] = grad_x * aq[lp] * static_cast<T>(g.width[l]);
+        glq[2 * lp + 1] = grad_y * aq[lp] * static_cast<T>(g.height[l]);
       }
     }
   }
+  if (copy) CopyRows(g, gvb, D, gvalue + offset, g.M * D);
 }
 
 // Calls fn(std::integral_constant<int, kD>) with kD = d for the head dims compiled for (32:
