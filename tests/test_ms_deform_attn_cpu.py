@@ -24,7 +24,13 @@ CASES = [  # (seed, spatial_shapes, D, P, Q, M)
     (2, ((5, 11), (3, 6), (2, 3), (1, 2)), 8, 4, 9, 2),
     (3, ((17, 4), (1, 30), (9, 9), (2, 1)), 32, 1, 7, 1),
     (4, ((7, 6), (3, 4)), 64, 2, 5, 2),  # D 32 and 64 run the kernel's compiled-D units
+    # Large maps: the kernel prefetches sampled rows (a unit's rows over 512 KB), on the rows in
+    # place (few queries per row) and on its contiguous copy of them (>= 2 corners per row).
+    (5, ((70, 60), (3, 3)), 32, 2, 6, 1),
+    (6, ((70, 60),), 32, 4, 600, 1),
 ]
+# Cases 1 and 2 (and the NaN test) sample their rows often enough for the contiguous copy
+# (queries x L x P x 4 corners >= 2 x S); 0, 3 and 4 work on the rows in place.
 
 
 @pytest.mark.parametrize("seed,shapes,d,p,q,m", CASES)

@@ -9,7 +9,8 @@
 //
 // Work is split into B * M units, one per (batch element, head). A unit owns every output
 // element of its head, including the value-gradient rows value[b, :, m, :], so the backward
-// scatter needs no atomics and no per-thread copies. Units run on XLA's intra-op thread pool;
+// scatter needs no atomics (a unit may still work on contiguous copies of its rows, for the
+// caches: see WorthCopying). Units run on XLA's intra-op thread pool;
 // the calling thread takes units too, so the call finishes even when no pool thread is free.
 //
 // Built on first use by ms_deform_attn_cpu.py (c++ -O3 -shared); not compiled elsewhere.
