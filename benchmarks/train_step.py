@@ -16,10 +16,10 @@ DDETR_JAX_ASYNC_DISPATCH=1 keeps JAX's asynchronous default). The JAX model's sa
 configs/shapes.py uses; HF's model runs its PyTorch grid_sample formulation, since no hub
 kernel can be fetched). HF runs on `--hf_device`: by default the kind of device JAX runs on (a
 GPU when JAX has one and torch sees CUDA), so both frameworks are timed on the same processor;
-on a GPU the timers wait for the queued work (`block_until_ready`, `torch.cuda.synchronize`). Also times the backbone alone
-(forward + backward of stages 2-4) in both frameworks, since at the tiny size it is most of the
-step, and the work per step: XLA's cost
-analysis of the compiled JAX step (all arithmetic) and torch's FlopCounterMode over one HF step
+on a GPU the timers wait for the queued work (`block_until_ready`, `torch.cuda.synchronize`).
+Also times the backbone alone (forward + backward of stages 2-4) in both frameworks, since at
+the tiny size it is most of the step, and the work per step: XLA's cost analysis of the
+compiled JAX step (all arithmetic) and torch's FlopCounterMode over one HF step
 (matmuls and convolutions, forward + backward), each as a share of that framework's 2048^3
 matmul speed measured in the same run. The last two columns say what the target asks: 0.5 x HF's
 step time, and the share of XLA's matmul speed at which the JAX step would have to run the
@@ -27,7 +27,7 @@ model's matmuls and convolutions (torch's count of them, the same architecture) 
 with nothing else in the step; above 100% the target cannot be met in that dtype on that
 machine. `--dtype bfloat16` runs both in mixed precision: the JAX
 model with `config.model.dtype = "bfloat16"` (bf16 matmul operands, float32 accumulation, float32
-params and optimizer), HF's forward under `torch.autocast("cpu", torch.bfloat16)` (its standard
+params and optimizer), HF's forward under `torch.autocast(device, torch.bfloat16)` (its standard
 mixed precision: float32 params, bf16 matmuls and convolutions), and the matmul speeds are then
 bf16 x bf16 with float32 accumulation. Prints a table and one JSON line per config.
 """
