@@ -288,7 +288,8 @@ def main():
                       help="torch device of the HF model: auto (CUDA when JAX runs on a GPU and "
                            "torch sees one, else the CPU), cpu or cuda")
   parser.add_argument("--attention_impl", default="auto",
-                      help="the JAX model's ms_deform_attn impl: auto, cpu, xla, xla_packed")
+                      help="the JAX model's ms_deform_attn impl: auto, cpu, pallas, xla, "
+                           "xla_packed")
   args = parser.parse_args()
   from ddetr_jax import cpu_dispatch, host_malloc  # pylint: disable=g-import-not-at-top
   # JAX and HF run in this process, so both always see the same allocator.
@@ -305,6 +306,11 @@ def main():
   if impl == "auto":
     impl = ms_deform_attn.resolve_auto_impl()
   hf_device = resolve_hf_device(args.hf_device, jax.default_backend(), torch.cuda.is_available())
+  if hf_device == "cuda":
+    # JAX's default precision runs float32 matmuls and convolutions as TF32 on such a GPU;
+    # torch's default keeps float32 matmuls exact. Both TF32, so the two do the same arithmetic.
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
   torch_where = (f"on {torch.cuda.get_device_name()}" if hf_device == "cuda"
                  else f"on the CPU with {torch.get_num_threads()} threads")
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()}); "
@@ -314,6 +320,9 @@ def main():
         f"glibc malloc "
         f"{'tuned (ddetr_jax.host_malloc)' if malloc_tuned else 'left at its defaults'}"
         f"{', transparent huge pages (glibc.malloc.hugetlb=1)' if huge_pages else ''}")
+  if hf_device == "cuda":
+    print("float32 matmuls and convolutions: TF32 in both (JAX's default precision on the GPU; "
+          "torch's allow_tf32 set to match)")
   jax_peak, torch_peak = matmul_peaks(args.dtype, torch_device=hf_device)
   print(f"2048^3 {args.dtype} matmul: XLA {jax_peak:.0f} GFLOP/s, torch {torch_peak:.0f} GFLOP/s")
   print(f"{'config':8s} {'jax compile s':>14s} {'jax s/step':>11s} {'hf s/step':>10s} "

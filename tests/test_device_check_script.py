@@ -42,19 +42,40 @@ def test_only_the_named_steps_run_and_log(tmp_path):
   assert "0 step(s) failed" in result.stdout
 
 
-def test_a_failing_step_counts_in_the_exit_status(tmp_path):
-  # A python3 that always fails (first on PATH): the step fails, is logged, the next step still
-  # runs, and the exit status counts both failures.
+def _fake_python(tmp_path, script: str):
+  """A PATH whose python3 is `script` (a /bin/sh body)."""
   fake_bin = tmp_path / "bin"
   fake_bin.mkdir()
-  (fake_bin / "python3").write_text("#!/bin/sh\necho 'no python here' >&2\nexit 3\n")
+  (fake_bin / "python3").write_text("#!/bin/sh\n" + script)
   (fake_bin / "python3").chmod(0o755)
-  result = _run(tmp_path, "run", STEPS="pallas_tests,msda",
-                PATH=f"{fake_bin}{os.pathsep}{os.environ['PATH']}")
+  return f"{fake_bin}{os.pathsep}{os.environ['PATH']}"
+
+
+def test_a_failing_step_counts_in_the_exit_status(tmp_path):
+  # A python3 that imports the carried packages but fails at everything else: the step fails,
+  # is logged, the next step still runs, and the exit status counts both failures.
+  path = _fake_python(tmp_path, 'case "$*" in *"import ml_collections"*) exit 0;; esac\n'
+                                "echo 'no python here' >&2\nexit 3\n")
+  result = _run(tmp_path, "run", STEPS="pallas_tests,msda", PATH=path)
   assert result.returncode == 2, result.stdout + result.stderr
   assert "=== pallas_tests: exit 3" in result.stdout and "=== msda: exit 3" in result.stdout
   assert "2 step(s) failed" in result.stdout
   assert "no python here" in (tmp_path / "out" / "msda.log").read_text()
+
+
+def test_missing_packages_stop_the_run_naming_them(tmp_path):
+  # Neither installed nor in the (empty) wheel folder: no step runs, the error says what to do.
+  path = _fake_python(tmp_path, "exit 1\n")
+  result = _run(tmp_path, "run", PATH=path)
+  assert result.returncode == 2
+  assert "ml_collections, pycocotools or grain" in result.stderr and "wheels" in result.stderr
+  assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
+
+
+def test_unknown_step_name_is_refused(tmp_path):
+  result = _run(tmp_path, "run", STEPS="environment,train_stpe")
+  assert result.returncode == 2 and "'train_stpe'" in result.stderr
+  assert not (tmp_path / "out").exists()
 
 
 def test_unknown_subcommand_is_refused(tmp_path):

@@ -26,11 +26,11 @@ CASES = [  # (seed, spatial_shapes, D, P, Q, M)
     (4, ((7, 6), (3, 4)), 64, 2, 5, 2),  # D 32 and 64 run the kernel's compiled-D units
     # Large maps: the kernel prefetches sampled rows (a unit's rows over 512 KB), on the rows in
     # place (few queries per row) and on its contiguous copy of them (>= 2 corners per row).
-    (5, ((70, 60), (3, 3)), 32, 2, 6, 1),
-    (6, ((70, 60),), 32, 4, 600, 1),
+    (5, ((70, 60), (3, 3)), 32, 2, 6, 2),
+    (6, ((70, 60),), 32, 4, 600, 2),
 ]
-# Cases 1 and 2 (and the NaN test) sample their rows often enough for the contiguous copy
-# (queries x L x P x 4 corners >= 2 x S); 0, 3 and 4 work on the rows in place.
+# Cases 1 and 2 sample their rows often enough for the contiguous copy (M > 1 and queries x L x
+# P x 4 corners >= 2 x S); 0 and 4 work on the rows in place, 3 too (one head: contiguous).
 
 
 @pytest.mark.parametrize("seed,shapes,d,p,q,m", CASES)
@@ -278,9 +278,11 @@ def test_build_is_cached_per_source_and_compiler_errors_are_named(tmp_path, monk
 
 
 @pytest.mark.parametrize("d", [8, 32])  # the generic and a compiled-D unit
-def test_nan_location_gives_nan_where_xla_does(d):
+# A small first map: the kernel's units work on a contiguous copy of their rows; a larger one:
+# on the rows in place.
+@pytest.mark.parametrize("shapes", [((4, 5), (2, 3)), ((14, 15), (2, 3))])
+def test_nan_location_gives_nan_where_xla_does(d, shapes):
   rng = np.random.default_rng(9)
-  shapes = ((4, 5), (2, 3))
   value, loc, attn = random_problem(rng, shapes, b=1, q=4, m=2, d=d, p=2, dtype=np.float32)
   loc[0, 1, 0, 1, 0, 0] = np.nan  # query 1, head 0, level 1, point 0: x is NaN
   cot = np.ones((1, 4, 2 * d), np.float32)

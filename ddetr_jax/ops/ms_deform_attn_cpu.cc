@@ -25,6 +25,7 @@
 #include <limits>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -209,8 +210,20 @@ void PrefetchSpan(const T* p, int64_t n) {
 // few of its rows for a copy to pay.
 template <typename T>
 bool WorthCopying(const Geometry& g, int64_t queries) {
-  return queries * g.L * g.P * 4 >= 2 * g.S;
+  return g.M > 1 && queries * g.L * g.P * 4 >= 2 * g.S;  // one head: already contiguous
 }
+
+// Uninitialised scratch of n elements starting on a cache line (std::vector's storage is only
+// 16-byte aligned, so a 128-byte row of a copy would straddle three lines).
+template <typename T>
+struct LineAligned {
+  struct Free {
+    void operator()(T* p) const { ::operator delete[](p, std::align_val_t{64}); }
+  };
+  explicit LineAligned(int64_t n)
+      : data(static_cast<T*>(::operator new[](n * sizeof(T), std::align_val_t{64}))) {}
+  std::unique_ptr<T[], Free> data;
+};
 
 // The D elements of each of the S rows at src, rows src_stride apart, to dst, rows
 // dst_stride apart.
@@ -256,11 +269,11 @@ void ForwardUnit(const Geometry& g, int64_t unit, const T* __restrict value,
   const int64_t q_begin = chunk * kForwardChunk, q_end = std::min(g.Q, q_begin + kForwardChunk);
   const T* vb = value + b * g.S * g.M * D + m * D;  // + (start_l + pixel) * stride
   int64_t stride = g.M * D;
-  std::vector<T> rows;  // the contiguous copy, when WorthCopying
+  std::unique_ptr<LineAligned<T>> rows;  // the contiguous copy, when WorthCopying
   if (WorthCopying<T>(g, q_end - q_begin)) {
-    rows.resize(g.S * D);
-    CopyRows(g, vb, stride, rows.data(), D);
-    vb = rows.data();
+    rows = std::make_unique<LineAligned<T>>(g.S * D);
+    CopyRows(g, vb, stride, rows->data.get(), D);
+    vb = rows->data.get();
     stride = D;
   }
   const bool prefetch = WorthPrefetching<T>(g, 1);
@@ -356,14 +369,15 @@ void BackwardUnit(const Geometry& g, int64_t unit, const T* __restrict value,
   const T* vb = value + offset;
   T* gvb = gvalue + offset;
   int64_t stride = g.M * D;
-  std::vector<T> rows, grad_rows;  // the contiguous copies, when WorthCopying
+  std::unique_ptr<LineAligned<T>> rows, grad_rows;  // the contiguous copies, when WorthCopying
   const bool copy = WorthCopying<T>(g, g.Q);
   if (copy) {
-    rows.resize(g.S * D);
-    grad_rows.assign(g.S * D, T(0));
-    CopyRows(g, vb, stride, rows.data(), D);
-    vb = rows.data();
-    gvb = grad_rows.data();
+    rows = std::make_unique<LineAligned<T>>(g.S * D);
+    grad_rows = std::make_unique<LineAligned<T>>(g.S * D);
+    CopyRows(g, vb, stride, rows->data.get(), D);
+    std::fill(grad_rows->data.get(), grad_rows->data.get() + g.S * D, T(0));
+    vb = rows->data.get();
+    gvb = grad_rows->data.get();
     stride = D;
   } else {
     for (int64_t s = 0; s < g.S; ++s) std::fill(gvb + s * stride, gvb + s * stride + D, T(0));
@@ -433,7 +447,8 @@ void BackwardUnit(const Geometry& g, int64_t unit, const T* __restrict value,
 
 // Calls fn(std::integral_constant<int, kD>) with kD = d for the head dims compiled for (32:
 // the official 256 / 8 heads; 64), else kD = 0 (any D). Not 16 (the shapes demo's 128 / 8):
-// there the specialised units measured slower than the generic ones (README, "The sampler").
+// there the specialised units measured slower than the generic ones (benchmarks/RESULTS.md,
+// "README sampler table as of session 19").
 template <typename Fn>
 bool WithHeadDim(int64_t d, Fn&& fn) {
   switch (d) {
