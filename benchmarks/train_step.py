@@ -311,6 +311,8 @@ def main():
     # torch's default keeps float32 matmuls exact. Both TF32, so the two do the same arithmetic.
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
+    print("float32 matmuls and convolutions: TF32 in both (JAX's default precision on the GPU; "
+          "torch's allow_tf32 set to match)")
   torch_where = (f"on {torch.cuda.get_device_name()}" if hf_device == "cuda"
                  else f"on the CPU with {torch.get_num_threads()} threads")
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()}); "
@@ -320,9 +322,6 @@ def main():
         f"glibc malloc "
         f"{'tuned (ddetr_jax.host_malloc)' if malloc_tuned else 'left at its defaults'}"
         f"{', transparent huge pages (glibc.malloc.hugetlb=1)' if huge_pages else ''}")
-  if hf_device == "cuda":
-    print("float32 matmuls and convolutions: TF32 in both (JAX's default precision on the GPU; "
-          "torch's allow_tf32 set to match)")
   jax_peak, torch_peak = matmul_peaks(args.dtype, torch_device=hf_device)
   print(f"2048^3 {args.dtype} matmul: XLA {jax_peak:.0f} GFLOP/s, torch {torch_peak:.0f} GFLOP/s")
   print(f"{'config':8s} {'jax compile s':>14s} {'jax s/step':>11s} {'hf s/step':>10s} "

@@ -208,22 +208,22 @@ void PrefetchSpan(const T* p, int64_t n) {
 // enough": at least two sampled corners per row on average, so the copy (S rows) costs
 // little next to the sampling; a decoder on a large map (300 queries, 18k rows) reads too
 // few of its rows for a copy to pay.
-template <typename T>
-bool WorthCopying(const Geometry& g, int64_t queries) {
+inline bool WorthCopying(const Geometry& g, int64_t queries) {
   return g.M > 1 && queries * g.L * g.P * 4 >= 2 * g.S;  // one head: already contiguous
 }
 
-// Uninitialised scratch of n elements starting on a cache line (std::vector's storage is only
-// 16-byte aligned, so a 128-byte row of a copy would straddle three lines).
-template <typename T>
-struct LineAligned {
-  struct Free {
-    void operator()(T* p) const { ::operator delete[](p, std::align_val_t{64}); }
-  };
-  explicit LineAligned(int64_t n)
-      : data(static_cast<T*>(::operator new[](n * sizeof(T), std::align_val_t{64}))) {}
-  std::unique_ptr<T[], Free> data;
+// Uninitialised scratch starting on a cache line (std::vector's storage is only 16-byte
+// aligned, so a 128-byte row of a copy would straddle three lines).
+struct FreeLineAligned {
+  void operator()(void* p) const { ::operator delete[](p, std::align_val_t{64}); }
 };
+template <typename T>
+using LineAligned = std::unique_ptr<T[], FreeLineAligned>;
+
+template <typename T>
+LineAligned<T> AllocLineAligned(int64_t n) {
+  return LineAligned<T>(static_cast<T*>(::operator new[](n * sizeof(T), std::align_val_t{64})));
+}
 
 // The D elements of each of the S rows at src, rows src_stride apart, to dst, rows
 // dst_stride apart.
@@ -269,11 +269,11 @@ void ForwardUnit(const Geometry& g, int64_t unit, const T* __restrict value,
   const int64_t q_begin = chunk * kForwardChunk, q_end = std::min(g.Q, q_begin + kForwardChunk);
   const T* vb = value + b * g.S * g.M * D + m * D;  // + (start_l + pixel) * stride
   int64_t stride = g.M * D;
-  std::unique_ptr<LineAligned<T>> rows;  // the contiguous copy, when WorthCopying
-  if (WorthCopying<T>(g, q_end - q_begin)) {
-    rows = std::make_unique<LineAligned<T>>(g.S * D);
-    CopyRows(g, vb, stride, rows->data.get(), D);
-    vb = rows->data.get();
+  LineAligned<T> rows;  // the contiguous copy, when WorthCopying
+  if (WorthCopying(g, q_end - q_begin)) {
+    rows = AllocLineAligned<T>(g.S * D);
+    CopyRows(g, vb, stride, rows.get(), D);
+    vb = rows.get();
     stride = D;
   }
   const bool prefetch = WorthPrefetching<T>(g, 1);
@@ -369,15 +369,15 @@ void BackwardUnit(const Geometry& g, int64_t unit, const T* __restrict value,
   const T* vb = value + offset;
   T* gvb = gvalue + offset;
   int64_t stride = g.M * D;
-  std::unique_ptr<LineAligned<T>> rows, grad_rows;  // the contiguous copies, when WorthCopying
-  const bool copy = WorthCopying<T>(g, g.Q);
+  LineAligned<T> rows, grad_rows;  // the contiguous copies, when WorthCopying
+  const bool copy = WorthCopying(g, g.Q);
   if (copy) {
-    rows = std::make_unique<LineAligned<T>>(g.S * D);
-    grad_rows = std::make_unique<LineAligned<T>>(g.S * D);
-    CopyRows(g, vb, stride, rows->data.get(), D);
-    std::fill(grad_rows->data.get(), grad_rows->data.get() + g.S * D, T(0));
-    vb = rows->data.get();
-    gvb = grad_rows->data.get();
+    rows = AllocLineAligned<T>(g.S * D);
+    grad_rows = AllocLineAligned<T>(g.S * D);
+    CopyRows(g, vb, stride, rows.get(), D);
+    std::fill(grad_rows.get(), grad_rows.get() + g.S * D, T(0));
+    vb = rows.get();
+    gvb = grad_rows.get();
     stride = D;
   } else {
     for (int64_t s = 0; s < g.S; ++s) std::fill(gvb + s * stride, gvb + s * stride + D, T(0));
