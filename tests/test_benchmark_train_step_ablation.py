@@ -106,13 +106,13 @@ def test_variants_are_the_full_step_each_alone_and_all():
   assert list(train_step_ablation.variants(("sampler",)).values()) == [(), ("sampler",)]
 
 
-def test_run_times_every_variant_and_hf():
-  result = train_step_ablation.run("tiny", batch_size=1, size=128, rounds=1, steps=1,
-                                   ablations=("sampler",), hf_steps=1)
-  assert result["target_s"] == pytest.approx(0.5 * result["hf_step_s"])
-  assert set(result["variants"]) == {"none (the full step)", "no sampler"}
-  for v in result["variants"].values():
-    assert v["step_s"] > 0 and v["compile_s"] > 0
-  assert result["variants"]["no sampler"]["removed"] == ["sampler"]
+def test_run_times_the_step_and_hf():
+  # The full step only (each ablation's model is checked above without compiling): one tiny
+  # train step compiled and timed, and one HF step, through the same code as the benchmark.
+  result = train_step_ablation.run("tiny", batch_size=1, size=128, rounds=2, steps=1,
+                                   ablations=(), hf_steps=1)
+  assert result["target_s"] == pytest.approx(0.5 * result["hf_step_s"]) and result["hf_step_s"] > 0
+  assert list(result["variants"]) == ["none (the full step)"]
   full = result["variants"]["none (the full step)"]
-  assert full["saving_s"] == 0.0
+  assert full["step_s"] > 0 and full["compile_s"] > 0
+  assert full["removed"] == [] and full["saving_s"] == 0.0
