@@ -26,6 +26,24 @@ def test_threefry_matches_jax_reference():
     np.testing.assert_array_equal(np.asarray(ours[1]), ref[1000:])
 
 
+@pytest.mark.parametrize("shape", [(5, 24), (3, 7), (2, 8, 3, 5)])
+def test_mask_follows_the_rule_with_jax_threefry(shape):
+  """Element i is kept iff word (i mod 2) of Threefry-2x32(key words, (i div 2, 0)) clears
+  round(rate * 2**32): checked with JAX's own threefry_2x32, packed and unpacked."""
+  key, rate = jax.random.PRNGKey(3), 0.3
+  words = jnp.asarray(jax.random.bits(key, (2,), jnp.uint32))
+  n = int(np.prod(shape))
+  counters = (np.arange(n) // 2).astype(np.uint32)
+  hashed = np.asarray(threefry_2x32(words, jnp.asarray(
+      np.concatenate([counters, np.zeros(n, np.uint32)]))))
+  word = np.where(np.arange(n) % 2 == 0, hashed[:n], hashed[n:])
+  expected = (word >= np.uint32(round(rate * 2 ** 32))).reshape(shape)
+  np.testing.assert_array_equal(np.asarray(keep_mask(key, rate, shape)), expected)
+  if packed_shape(shape) is not None:
+    packed = packed_keep_mask(key, rate, shape)
+    np.testing.assert_array_equal(np.asarray(unpack_keep_mask(packed, shape)), expected)
+
+
 @pytest.mark.parametrize("rate", [0.1, 0.5, 0.9])
 def test_keep_fraction_and_scale(rate):
   x = jnp.asarray(np.random.default_rng(1).uniform(1.0, 2.0, size=(4, 500, 512)), jnp.float32)
