@@ -1,4 +1,5 @@
-"""Deformable DETR on COCO 2017 with the official defaults (REFERENCE.md).
+"""Deformable DETR on COCO 2017 with the official defaults (the paper, Zhu et al. ICLR 2021, and
+the arguments of the official code's `main.py`, github.com/fundamentalvision/Deformable-DETR).
 
 Use as `--config configs/deformable_detr.py:VARIANT` with VARIANT one of
 `single_scale`, `single_scale_dc5`, `default`, `box_refine`, `two_stage`.
@@ -41,7 +42,7 @@ def model_config(variant: str = "default") -> ml_collections.ConfigDict:
   m.two_stage = variant == "two_stage"
   m.aux_loss = True
   m.dtype = "float32"              # compute dtype: float32 or bfloat16 (params stay float32).
-  m.attention_impl = "xla"         # xla | xla_packed | pallas | auto
+  m.attention_impl = "xla"         # xla | xla_packed | pallas | cpu | auto
   m.remat = False                  # jax.checkpoint each encoder/decoder layer.
   return m
 
@@ -61,7 +62,7 @@ def data_config() -> ml_collections.ConfigDict:
   d.cache_dir = ""                 # shapes: where the generated dataset is written.
   d.shapes = ml_collections.ConfigDict(dict(
       num_train=0, num_val=0, image_size=0, seed=0, min_objects=0, max_objects=0))
-  # Official augmentation (REFERENCE.md): flip, then multi-scale resize or resize-crop-resize.
+  # Official augmentation (the official `datasets/coco.py`): flip, then multi-scale resize or resize-crop-resize.
   d.train_scales = tuple(range(480, 801, 32))
   d.train_max_size = 1333
   d.crop_resize_scales = (400, 500, 600)

@@ -1,6 +1,6 @@
 """Hungarian matching of predictions to padded, fixed-shape targets.
 
-The cost is the official Deformable DETR one (REFERENCE.md), per image:
+The cost is the official Deformable DETR one (the official `models/matcher.py`), per image:
   C[t, q] = cost_bbox * L1(box_q, box_t) + cost_class * focal(q, label_t)
             - cost_giou * GIoU(box_q, box_t)
 with the focal-form class cost

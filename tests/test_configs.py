@@ -1,4 +1,4 @@
-"""The configs: official defaults for the five variants (REFERENCE.md) and a consistent embedded
+"""The configs: official defaults for the five variants (the official `main.py` arguments and `configs/*.sh`) and a consistent embedded
 default (configs/shapes.py)."""
 import pytest
 

@@ -32,7 +32,7 @@ def _assert_same_params(a, b):
     np.testing.assert_array_equal(fa[k], fb[k], err_msg=k)
 
 
-# Official key names written from REFERENCE.md's checkpoint description (independent of convert.py).
+# Official key names written from the official checkpoints' layout (independent of convert.py).
 def _hf_to_official_for_test(sd: dict, dec_layers: int) -> dict:
   out = {}
   layer_roles = {

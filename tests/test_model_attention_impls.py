@@ -48,10 +48,16 @@ def _run(impl, batch):
   return outputs, params, new_state.params, metrics
 
 
-@pytest.mark.parametrize("impl", ["pallas", "cpu"])
-def test_model_matches_xla_forward_and_train_step(impl):
+@pytest.fixture(scope="module")
+def xla_run():
+  """The 'xla' reference run on the seed-0 batch, shared by both parametrisations."""
   batch = _batch(np.random.default_rng(0))
-  out_x, init_x, params_x, metrics_x = _run("xla", batch)
+  return batch, _run("xla", batch)
+
+
+@pytest.mark.parametrize("impl", ["pallas", "cpu"])
+def test_model_matches_xla_forward_and_train_step(impl, xla_run):
+  batch, (out_x, init_x, params_x, metrics_x) = xla_run
   out_p, _, params_p, metrics_p = _run(impl, batch)
   for key in ("pred_logits", "pred_boxes"):
     np.testing.assert_allclose(np.asarray(out_p[key]), np.asarray(out_x[key]),

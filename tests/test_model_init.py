@@ -1,4 +1,6 @@
-"""Initialisation matches the official code's (REFERENCE.md), checked against hand-computed values."""
+"""Initialisation matches the official code's (`models/deformable_transformer.py`,
+`models/ops/modules/ms_deform_attn.py`, `models/deformable_detr.py`), checked against
+hand-computed values."""
 import math
 
 import jax
