@@ -63,8 +63,9 @@ def test_detector_with_group_norm_and_torch_weights_refused():
   config.model.backbone_norm = "group"
   model = build_model(config)
   images = jax.random.normal(jax.random.key(7), (1, 64, 64, 3))
-  params = model.init(jax.random.key(8), images, jnp.zeros((1, 64, 64), bool))
-  out = model.apply(params, images, jnp.zeros((1, 64, 64), bool))
+  mask = jnp.zeros((1, 64, 64), bool)
+  params = jax.jit(model.init)(jax.random.key(8), images, mask)  # jit: one compilation, not per op
+  out = jax.jit(model.apply)(params, images, mask)
   assert np.all(np.isfinite(out["pred_boxes"]))
   with pytest.raises(convert.CheckpointError, match="backbone_norm='group'"):
     convert.params_from_state_dict({}, config)

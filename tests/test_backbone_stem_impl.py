@@ -30,20 +30,21 @@ def test_matmul_stem_is_the_same_network():
   images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 40, 36, 3)), jnp.float32)
   conv_net, matmul_net = ResNet(depth=18, width=16, stem_impl="xla"), ResNet(depth=18, width=16,
                                                                               stem_impl="matmul")
-  params = conv_net.init(jax.random.key(0), images)
+  params = jax.jit(conv_net.init)(jax.random.key(0), images)  # jit: one compilation, not per op
   # Same parameters, same initialisation: the impl only changes how the stem is computed.
-  jax.tree.map(np.testing.assert_array_equal, params, matmul_net.init(jax.random.key(0), images))
+  jax.tree.map(np.testing.assert_array_equal, params,
+               jax.jit(matmul_net.init)(jax.random.key(0), images))
   # The stem's 7x7 kernel is a convolution in one network and gone from the other's convolutions.
   assert (7, 7, 3, 16) in _conv_kernel_shapes(lambda x: conv_net.apply(params, x), images)
   assert (7, 7, 3, 16) not in _conv_kernel_shapes(lambda x: matmul_net.apply(params, x), images)
-  want = conv_net.apply(params, images)
-  got = matmul_net.apply(params, images)
+  want = jax.jit(conv_net.apply)(params, images)
+  got = jax.jit(matmul_net.apply)(params, images)
   for w, g in zip(want, got):
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
   # And the stem kernel's gradient (the shapes demo trains the stem) agrees too.
   loss = lambda net: lambda p: sum(jnp.sum(o ** 2) for o in net.apply(p, images))
-  want_grad = jax.grad(loss(conv_net))(params)["params"]["conv1"]["kernel"]
-  got_grad = jax.grad(loss(matmul_net))(params)["params"]["conv1"]["kernel"]
+  want_grad = jax.jit(jax.grad(loss(conv_net)))(params)["params"]["conv1"]["kernel"]
+  got_grad = jax.jit(jax.grad(loss(matmul_net)))(params)["params"]["conv1"]["kernel"]
   np.testing.assert_allclose(got_grad, want_grad, rtol=1e-4, atol=1e-3 * float(jnp.abs(want_grad).max()))
 
 

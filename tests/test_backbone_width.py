@@ -47,9 +47,9 @@ def test_detector_with_narrow_backbone_and_torch_weights_refused():
   model = build_model(config)
   images = jax.random.normal(jax.random.key(1), (1, 64, 64, 3))
   mask = jnp.zeros((1, 64, 64), bool)
-  params = model.init(jax.random.key(2), images, mask)
+  params = jax.jit(model.init)(jax.random.key(2), images, mask)  # jit: one compilation, not per op
   assert params["params"]["backbone"]["layer4_1"]["conv2"]["kernel"].shape == (3, 3, 256, 256)
-  out = model.apply(params, images, mask)
+  out = jax.jit(model.apply)(params, images, mask)
   assert np.all(np.isfinite(out["pred_boxes"]))
   with pytest.raises(convert.CheckpointError, match="backbone_width=32"):
     convert.params_from_state_dict({}, config)

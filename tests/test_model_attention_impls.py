@@ -1,6 +1,8 @@
 """The whole model with attention_impl='pallas' (Pallas kernel, interpret mode on this CPU) and
 'cpu' (the C++ kernel) equals attention_impl='xla' on the tiny config: forward outputs and one
 full train step; with 'cpu', a batch-sharded step on 8 devices equals the 1-device step."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,12 +36,23 @@ def _batch(rng):
               box_mask=np.array([[True, True, False], [True, False, False]]))
 
 
+@functools.lru_cache(maxsize=None)
+def _init_params():
+  """The tiny model's params (seed 0), host numpy. The sampler impl plays no part in the
+  parameters, so every impl starts from these (initialised once, under jit: one compilation
+  instead of an op-by-op init that compiles every op on its own)."""
+  model = build_model(_config("xla"))
+  return jax.device_get(jax.jit(lambda key: model.init(
+      key, jnp.zeros((1, 64, 64, 3)), jnp.zeros((1, 64, 64), bool), train=False)["params"])(
+          jax.random.PRNGKey(0)))
+
+
 def _run(impl, batch):
   config = _config(impl)
   model = build_model(config)
-  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), jnp.zeros((1, 64, 64), bool),
-                      train=False)["params"]
-  outputs = model.apply({"params": params}, batch["images"], batch["padding_mask"], train=False)
+  params = jax.tree.map(jnp.asarray, _init_params())
+  outputs = jax.jit(lambda p, x, m: model.apply({"params": p}, x, m, train=False))(
+      params, batch["images"], batch["padding_mask"])
   tx = optim.make_optimizer(config.optim, 10, params)
   state = trainer.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                              opt_state=tx.init(params), rng=jnp.asarray(trainer.seed_rngs(0)[1]))
@@ -87,8 +100,7 @@ def test_cpu_kernel_train_step_on_eight_devices_matches_xla():
   for impl in ("xla", "cpu"):
     config = _config(impl)
     model = build_model(config)
-    params = jax.device_get(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)),
-                                       jnp.zeros((1, 64, 64), bool), train=False)["params"])
+    params = _init_params()
     tx = optax.sgd(1.0)
     state = sharding.replicate(trainer.TrainState(
         step=np.int32(0), params=jax.tree.map(np.copy, params), opt_state=tx.init(params),

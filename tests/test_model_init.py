@@ -12,6 +12,16 @@ from ddetr_jax.models import build_model
 from ddetr_jax.models.deformable_attention import MSDeformAttn
 
 
+def _assert_xavier_uniform(w, fan_in, fan_out):
+  """w is a sample of U(-b, b), b = sqrt(6 / (fan_in + fan_out)) (Xavier, gain 1): within the
+  bound, reaching near it, with the uniform's standard deviation b / sqrt(3) (to 20%)."""
+  bound = math.sqrt(6 / (fan_in + fan_out))
+  w = np.asarray(w)
+  assert np.abs(w).max() <= bound
+  assert np.abs(w).max() > 0.8 * bound
+  assert abs(np.std(w) / (bound / math.sqrt(3)) - 1) < 0.2, (np.std(w), bound / math.sqrt(3))
+
+
 def test_msdeformattn_init():
   module = MSDeformAttn(d_model=256, n_levels=4, n_heads=8, n_points=4)
   query = jnp.zeros((1, 3, 256))
@@ -57,7 +67,8 @@ def test_detector_init_box_refine():
   np.testing.assert_array_equal(b1["layers_2"]["bias"], [0, 0, 0, 0])
   # Input projections: Xavier(gain 1) conv, zero bias; GroupNorm identity.
   kernel = np.asarray(params["input_proj_0"]["conv"]["kernel"])  # (1, 1, 512, 32) from layer4
-  assert kernel.shape == (1, 1, 512, 32) and np.abs(kernel).max() <= math.sqrt(6 / (512 + 32))
+  assert kernel.shape == (1, 1, 512, 32)
+  _assert_xavier_uniform(kernel, fan_in=512, fan_out=32)
   assert np.all(params["input_proj_0"]["conv"]["bias"] == 0)
   # Frozen BatchNorm: identity statistics.
   bn = params["backbone"]["bn1"]
@@ -65,8 +76,9 @@ def test_detector_init_box_refine():
   assert np.all(bn["scale"] == 1) and np.all(bn["var"] == 1) and np.all(bn["mean"] == 0)
   # Decoder self-attention q/k/v: slices of one Xavier (3 * 32, 32) matrix.
   q = np.asarray(params["transformer"]["decoder"]["layers_0"]["self_attn"]["q_proj"]["kernel"])
-  assert np.abs(q).max() <= math.sqrt(6 / (32 + 96))
+  _assert_xavier_uniform(q, fan_in=32, fan_out=96)
   ref = params["transformer"]["reference_points"]
-  assert np.all(ref["bias"] == 0) and np.abs(ref["kernel"]).max() <= math.sqrt(6 / (32 + 2))
+  assert np.all(ref["bias"] == 0)
+  _assert_xavier_uniform(np.asarray(ref["kernel"]), fan_in=32, fan_out=2)
   assert 0.5 < np.std(params["query_embed"]) < 1.5  # N(0, 1)
   assert params["query_embed"].shape == (16, 64)
