@@ -99,7 +99,9 @@ def check_config_overrides(argv: Sequence[str], default_config: str) -> None:
   except Exception as e:  # pylint: disable=broad-except
     # ml_collections wraps what get_config raised (a KeyError it lets through as it is).
     cause = e.__cause__ or e.__context__ or e
-    if variant and isinstance(cause, (ValueError, KeyError)) and variant in str(cause):
+    # (`path.py:` passes the empty variant '', which get_config refuses like any other.)
+    named = variant in str(cause) if variant else "''" in str(cause)
+    if ":" in spec and isinstance(cause, (ValueError, KeyError)) and named:
       reason = (f"get_config({variant!r}) raised KeyError {cause}" if isinstance(cause, KeyError)
                 else cause.args[0] if cause.args else cause)
       _exit_with_user_error(f"--config {spec}: {reason}")

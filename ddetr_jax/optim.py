@@ -26,6 +26,7 @@ trained from scratch, as in configs/shapes.py. Frozen BatchNorm stays frozen eit
 Gradient accumulation (grad_accum_steps > 1) wraps everything in `optax.MultiSteps`:
 gradients of k consecutive `update` calls are averaged, then one real update is made.
 """
+import math
 from typing import Any, Callable
 
 import jax
@@ -95,6 +96,18 @@ def learning_rate_schedule(base_lr: float, lr_drop: int, steps_per_epoch: int,
   return schedule
 
 
+def _check_hyperparameters(c: Any) -> None:
+  """Raises errors.InvalidInputError naming the config.optim key of a value AdamW cannot use: a
+  negative (or non-finite) rate, decay or clip norm (0 is allowed: no update, no decay, no
+  clipping), or a moment decay outside [0, 1)."""
+  for key in ("lr", "lr_backbone", "lr_linear_proj_mult", "weight_decay", "clip_max_norm"):
+    if key in c and not (math.isfinite(float(c[key])) and float(c[key]) >= 0):
+      raise errors.InvalidInputError(f"config.optim.{key} must be a finite number >= 0, got {c[key]!r}")
+  for key in ("b1", "b2"):
+    if key in c and not 0 <= float(c[key]) < 1:
+      raise errors.InvalidInputError(f"config.optim.{key} must be in [0, 1), got {c[key]!r}")
+
+
 def make_optimizer(optim_config: Any, steps_per_epoch: int, params: Any
                    ) -> optax.GradientTransformation:
   """The training optimizer.
@@ -111,6 +124,7 @@ def make_optimizer(optim_config: Any, steps_per_epoch: int, params: Any
     state is `MultiStepsState`, whose `mini_step` says where in the accumulation it is).
   """
   c = optim_config
+  _check_hyperparameters(c)
   accum = int(c.get("grad_accum_steps", 1) or 1)
   if accum < 1:
     raise errors.InvalidInputError(f"config.optim.grad_accum_steps must be >= 1, got {accum}")

@@ -364,8 +364,14 @@ def train_and_evaluate(config, workdir: str, mesh: Optional[Mesh] = None) -> dic
     raise errors.InvalidInputError(f"workdir {workdir!r} is a file, not a folder")
   if not is_main:
     return _train_and_evaluate(config, workdir, mesh)
-  os.makedirs(workdir, exist_ok=True)
-  lock = _lock_workdir(workdir)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    lock = _lock_workdir(workdir)
+  except errors.InvalidInputError:
+    raise
+  except OSError as e:  # a parent that is a file, no permission, a read-only file system...
+    raise errors.InvalidInputError(
+        f"cannot use workdir {workdir!r}: {e.strerror or e} ({e.filename or workdir})") from None
   try:
     return _train_and_evaluate(config, workdir, mesh)
   finally:

@@ -110,6 +110,7 @@ def test_train_with_a_batch_the_devices_cannot_split_is_a_user_error(tmp_path):
 @pytest.mark.parametrize("config,overrides,fragments", [
     ("configs/missing.py", (), ("--config configs/missing.py: no such config file",)),
     ("configs/tiny.py:nope", (), ("--config configs/tiny.py:nope: unknown variant 'nope'",)),
+    ("configs/tiny.py:", (), ("--config configs/tiny.py:: unknown variant ''",)),
     (TINY, ("--config.train.num_train_steps.x=1",),
      ("config.train.num_train_steps is a value (int), not a section",)),
     (TINY, ("--config.model.attention_impl=fast",),

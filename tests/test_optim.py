@@ -7,6 +7,7 @@ import optax
 import pytest
 import torch
 
+from ddetr_jax import errors
 from ddetr_jax import optim
 
 
@@ -182,3 +183,28 @@ def test_gradient_accumulation_averages_micro_batches():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-9)
   with pytest.raises(ValueError, match="grad_accum_steps=4"):
     optim.make_optimizer(_optim_config(grad_accum_steps=4), 2, params)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("lr", -1.0, "config.optim.lr must be a finite number >= 0, got -1.0"),
+    ("lr_backbone", float("nan"), "config.optim.lr_backbone must be a finite number >= 0, got nan"),
+    ("weight_decay", -1e-4, "config.optim.weight_decay must be a finite number >= 0"),
+    ("clip_max_norm", float("inf"), "config.optim.clip_max_norm must be a finite number >= 0"),
+    ("b2", 1.0, r"config.optim.b2 must be in \[0, 1\), got 1.0"),
+    ("b1", -0.1, r"config.optim.b1 must be in \[0, 1\), got -0.1"),
+])
+def test_unusable_hyperparameter_is_an_error_naming_the_key(key, value, message):
+  params = _fake_params(np.random.default_rng(0))
+  with pytest.raises(errors.InvalidInputError, match=message):
+    optim.make_optimizer(_optim_config(**{key: value}), 4, params)
+
+
+def test_zero_rates_and_norms_are_allowed():
+  # lr_backbone=0 is the official way to leave the backbone untrained; 0 clip is no clipping.
+  params = _fake_params(np.random.default_rng(0))
+  tx = optim.make_optimizer(_optim_config(lr_backbone=0.0, clip_max_norm=0.0, weight_decay=0.0),
+                            4, params)
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates = _paths(jax.jit(tx.update)(grads, tx.init(params), params)[0])
+  assert np.all(np.asarray(updates["params/backbone/layer2_0/conv1/kernel"]) == 0)
+  assert np.all(np.asarray(updates["params/class_embed/kernel"]) != 0)

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from ddetr_jax import data as data_lib
+from ddetr_jax import errors
 from ddetr_jax import evaluator
 from ddetr_jax import optim
 from ddetr_jax import sharding
@@ -262,6 +263,11 @@ def test_workdir_that_is_a_file_is_an_error_naming_it(tmp_path):
   path.write_text("keep me")
   with pytest.raises(ValueError, match=r"workdir .*a_file' is a file, not a folder"):
     trainer.train_and_evaluate(train_worker.small_config(), str(path),
+                               mesh=sharding.make_mesh(jax.devices()[:1]))
+  assert path.read_text() == "keep me"
+  # A workdir below a file cannot be created: a user error naming it, not an OSError traceback.
+  with pytest.raises(errors.InvalidInputError, match=r"cannot use workdir .*a_file/run'.*Not a directory"):
+    trainer.train_and_evaluate(train_worker.small_config(), str(path / "run"),
                                mesh=sharding.make_mesh(jax.devices()[:1]))
   assert path.read_text() == "keep me"
 
