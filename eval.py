@@ -83,6 +83,7 @@ def main(argv):
     out_dir = FLAGS.out or os.path.join(FLAGS.workdir, "predictions")
     if jax.process_index() != 0:
       return  # predictions run on one process.
+    cli.make_output_folder(out_dir, "--out" if FLAGS.out else "--workdir")
     patterns = FLAGS.predict or predict.validation_images(
         config, FLAGS.predict_val, export_dir=os.path.join(out_dir, "validation_images"))
     summary = predict.predict_files(model, params, config, patterns, out_dir,
@@ -93,6 +94,8 @@ def main(argv):
           + (f"; skipped {len(summary['skipped'])} unreadable" if summary["skipped"] else ""))
     return
 
+  if jax.process_index() == 0:
+    cli.make_output_folder(FLAGS.workdir, "--workdir")
   metrics = evaluator.evaluate(model, params, config, mesh=sharding.make_mesh(),
                                workdir=FLAGS.workdir, step=step)
   if jax.process_index() == 0:

@@ -362,6 +362,22 @@ def test_out_naming_a_file_is_refused(tmp_path):
   assert out.read_bytes() == b"data"
 
 
+def test_out_that_cannot_be_created_is_refused_before_converting(tmp_path, monkeypatch):
+  # orbax, asked to save there, raised from its background threads and the process never exited.
+  afile = tmp_path / "afile"
+  afile.write_bytes(b"data")
+  with pytest.raises(errors.InvalidInputError,
+                     match=re.escape(f"{afile}/a/b: cannot be created: {str(afile)!r} is a file")):
+    convert.check_out_dir(str(afile / "a" / "b"))
+  assert afile.read_bytes() == b"data"
+  convert.check_out_dir(str(tmp_path / "new" / "deeper"))  # a writable ancestor: allowed.
+  # No write permission in the nearest existing folder (tests may run as root, who has it).
+  monkeypatch.setattr(convert.os, "access", lambda path, mode: path != str(tmp_path))
+  with pytest.raises(errors.InvalidInputError, match="no permission to write in"):
+    convert.check_out_dir(str(tmp_path / "new" / "deeper"))
+  assert not (tmp_path / "new").exists()
+
+
 def test_out_that_resolves_to_an_existing_folder_is_judged_by_it(tmp_path, monkeypatch):
   """'' and 'missing/..' name the current folder once resolved: it is refused, not emptied."""
   (tmp_path / "mine.txt").write_text("keep me")

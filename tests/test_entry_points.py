@@ -78,6 +78,21 @@ def test_eval_of_a_checkpoint_of_another_config_names_the_parameters(tiny_checkp
   assert "does not fit" in last and "1 with different shapes" in last
 
 
+@pytest.mark.parametrize("flags", [("--workdir", "{afile}/eval"), ("--workdir", "{afile}"),
+                                   ("--predict_val", "2", "--out", "{afile}/pred")])
+def test_eval_output_folder_that_cannot_be_made_is_a_user_error(tiny_checkpoint, tmp_path, flags):
+  # Refused before evaluating (it used to fail at the end, after the whole evaluation).
+  path, _ = tiny_checkpoint
+  afile = tmp_path / "afile"
+  afile.write_text("keep me")
+  flags = [f.format(afile=afile) for f in flags]
+  run = _run("eval.py", "--config", TINY, *SMALL, f"--config.data.cache_dir={tmp_path / 'cache'}",
+             "--checkpoint", path, *flags, *(() if "--workdir" in flags else ("--workdir", str(tmp_path))))
+  flag = "--out" if "--out" in flags else "--workdir"
+  _assert_user_error(run, f"{flag}={flags[flags.index(flag) + 1]!r}")
+  assert "evaluated" not in run.stdout and afile.read_text() == "keep me"
+
+
 def test_eval_shows_orbax_info_logs_only_with_verbosity(tiny_checkpoint, tmp_path):
   path, _ = tiny_checkpoint
   args = ("--config", TINY, *SMALL, f"--config.data.cache_dir={tmp_path / 'cache'}",
