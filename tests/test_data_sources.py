@@ -189,6 +189,21 @@ def test_image_removed_during_a_run_raises_with_file_and_record(tmp_path):
     source[1]
 
 
+def test_no_decodable_training_image_is_an_error_counting_images_not_reads(tmp_path):
+  images = [{"id": i, "file_name": f"{i}.png", "width": 20, "height": 20} for i in range(1, 4)]
+  anns = [{"id": i, "image_id": i, "category_id": 3, "bbox": [1, 1, 5, 5]} for i in range(1, 4)]
+  ann_file, image_dir = _write_folder(tmp_path, anns, images=images)
+  for i in range(1, 4):
+    with open(os.path.join(image_dir, f"{i}.png"), "r+b") as f:
+      f.truncate(60)
+  iterator = data.make_train_iterator(_folder_config(ann_file, image_dir))
+  # The loop cycles over the 3 images; the error counts the 3, not the 201 attempts.
+  with pytest.raises(data.CorruptImageError,
+                     match=r"no training image could be decoded in 201 reads in a row \(3 different "
+                           r"images failed\), e\.g\. .*\.png"):
+    next(iterator)
+
+
 def test_corrupt_image_is_skipped_counted_or_raises_when_strict(tmp_path):
   images = [{"id": i, "file_name": f"{i}.png", "width": 20, "height": 20} for i in range(1, 5)]
   anns = [{"id": i, "image_id": i, "category_id": 3, "bbox": [1, 1, 5, 5]} for i in range(1, 5)]

@@ -108,8 +108,11 @@ class _SkipAndBatchIterator(grain.DatasetIterator):
       if record.get("skipped"):
         errors.append(record["error"])
         if len(errors) > 100 * self.batch_size:
-          raise RuntimeError(f"{len(errors)} consecutive records could not be decoded, e.g. "
-                             f"{errors[-1]}")
+          # The loop visits the split again and again: count the images, not the attempts.
+          raise CorruptImageError(
+              f"no training image could be decoded in {len(errors)} reads in a row "
+              f"({len(set(errors))} different images failed), e.g. {errors[-1]}; check the "
+              f"image folder the config names")
       else:
         records.append(record)
     batch = batching.collate(records, self.buckets, self.max_boxes)
