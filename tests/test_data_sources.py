@@ -139,6 +139,13 @@ def test_num_classes_checked_against_the_data(tmp_path):
                  "annotations": [{"id": 9, "image_id": 2, "category_id": 1,
                                   "bbox": [0, 0, 1, 1]}]}),
      r"annotations\[0\] \(id 9\) refers to image_id 2"),
+    (json.dumps({"images": [{"id": 1, "file_name": "a.png"}, {"id": 2, "file_name": "b.png"},
+                            {"id": 1, "file_name": "c.png"}],
+                 "categories": [{"id": 1}], "annotations": []}),
+     r"ann\.json.*images\[0\] and images\[2\] have the same id 1"),
+    (json.dumps({"images": [{"id": 1, "file_name": "a.png"}],
+                 "categories": [{"id": 4, "name": "a"}, {"id": 4, "name": "b"}], "annotations": []}),
+     r"categories\[0\] and categories\[1\] have the same id 4"),
 ])
 def test_malformed_annotation_json_names_file_and_record(tmp_path, text, match):
   (tmp_path / "images").mkdir()

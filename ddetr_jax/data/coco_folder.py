@@ -53,6 +53,13 @@ def load_annotation_json(ann_file: str) -> dict:
   for i, category in enumerate(dataset["categories"]):
     if not isinstance(category, dict) or not isinstance(category.get("id"), int):
       raise malformed(f"categories[{i}] has no integer 'id': {str(category)[:200]}")
+  for what, entries in (("images", dataset["images"]), ("categories", dataset["categories"])):
+    first = {}
+    for i, entry in enumerate(entries):  # a repeated id would silently drop the earlier entry.
+      if entry["id"] in first:
+        raise malformed(f"{what}[{first[entry['id']]}] and {what}[{i}] have the same id "
+                        f"{entry['id']!r}")
+      first[entry["id"]] = i
   image_ids = {image["id"] for image in dataset["images"]}
   category_ids = {category["id"] for category in dataset["categories"]}
   for i, ann in enumerate(dataset["annotations"]):
