@@ -54,6 +54,7 @@ from ddetr_jax import losses
 from ddetr_jax import metric_writer
 from ddetr_jax import optim
 from ddetr_jax import sharding as sharding_lib
+from ddetr_jax.data import batching
 from ddetr_jax.models import build_model
 
 
@@ -114,6 +115,7 @@ def jit_train_step(train_step: Callable, mesh, state_shapes: TrainState) -> Call
 
 def _init_shapes(config) -> tuple:
   """Image and mask shapes used to initialise the model (batch 1, the smallest bucket)."""
+  batching.check_config(config.data)
   side = int(min(config.data.buckets))
   return (1, side, side, 3), (1, side, side)
 

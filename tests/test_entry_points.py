@@ -132,6 +132,9 @@ def test_train_with_a_batch_the_devices_cannot_split_is_a_user_error(tmp_path):
      ("config.model.attention_impl) must be one of", "'fast'")),
     (TINY, ("--config.model.backbone_depth=42",), ("backbone_depth must be one of", "got 42")),
     (TINY, ("--config.model.hidden_dim=48",), ("hidden_dim must be a multiple of 32", "48")),
+    (TINY, ("--config.data.buckets=abc",), ("data.buckets must be a tuple of image sides",)),
+    (TINY, ("--config.data.buckets=(64,0)",), ("data.buckets must be", "(64, 0)")),
+    (TINY, ("--config.data.max_boxes=0",), ("data.max_boxes must be an integer >= 1, got 0",)),
 ])
 def test_bad_config_file_variant_or_value_is_a_user_error(tmp_path, config, overrides, fragments):
   workdir = tmp_path / "work"

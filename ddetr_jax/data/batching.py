@@ -23,6 +23,21 @@ HOST_KEYS = ("image_id", "orig_size", "size", "valid")
 DEVICE_KEYS = ("images", "padding_mask", "boxes", "labels", "box_mask")
 
 
+def check_config(data_config) -> None:
+  """Raises errors.InvalidInputError naming the key: data.buckets must be positive whole pixel
+  sides, data.max_boxes a positive count (0 would drop every box and train on nothing)."""
+  buckets = data_config.buckets
+  if (isinstance(buckets, str) or not isinstance(buckets, (tuple, list)) or not buckets
+      or not all(isinstance(b, (int, np.integer)) and not isinstance(b, bool) and b > 0
+                 for b in buckets)):
+    raise errors.InvalidInputError(
+        f"data.buckets must be a tuple of image sides in pixels (positive integers), e.g. "
+        f"(800, 1024, 1344), got {buckets!r}")
+  max_boxes = data_config.max_boxes
+  if not isinstance(max_boxes, (int, np.integer)) or isinstance(max_boxes, bool) or max_boxes < 1:
+    raise errors.InvalidInputError(f"data.max_boxes must be an integer >= 1, got {max_boxes!r}")
+
+
 def select_bucket(height: int, width: int, buckets) -> int:
   """Smallest bucket side >= max(height, width)."""
   fitting = [b for b in sorted(buckets) if b >= max(height, width)]
