@@ -91,6 +91,10 @@ def check_config_overrides(argv: Sequence[str], default_config: str) -> None:
     return
   spec = _config_argument(argv, default_config)
   path, _, variant = spec.partition(":")
+  if os.path.isdir(path):
+    files = sorted(f for f in os.listdir(path) if f.endswith(".py") and not f.startswith("_"))
+    _exit_with_user_error(f"--config {spec}: {path!r} is a folder; name a config file in it"
+                          + (f" ({', '.join(files[:8])})" if files else ""))
   if not os.path.isfile(path):
     _exit_with_user_error(f"--config {spec}: no such config file {path!r}"
                           + ("" if os.path.isabs(path) else f" (from {os.getcwd()})"))

@@ -196,6 +196,18 @@ def test_image_removed_during_a_run_raises_with_file_and_record(tmp_path):
     source[1]
 
 
+def test_split_without_images_is_an_error_naming_the_file(tmp_path):
+  (tmp_path / "images").mkdir()
+  (tmp_path / "ann.json").write_text(json.dumps({"images": [], "annotations": [],
+                                                 "categories": [{"id": 3, "name": "cat"}]}))
+  config = _folder_config(str(tmp_path / "ann.json"), str(tmp_path / "images"))
+  with pytest.raises(errors.InvalidInputError, match=r"the train split of .*ann\.json' holds no images"):
+    data.make_train_iterator(config)
+  # Evaluating nothing is refused too (it printed 'evaluated 0 images' and all-zero metrics).
+  with pytest.raises(errors.InvalidInputError, match=r"the val split of .*ann\.json' holds no images"):
+    data.make_eval_batches(config)
+
+
 def test_no_decodable_training_image_is_an_error_counting_images_not_reads(tmp_path):
   images = [{"id": i, "file_name": f"{i}.png", "width": 20, "height": 20} for i in range(1, 4)]
   anns = [{"id": i, "image_id": i, "category_id": 3, "bbox": [1, 1, 5, 5]} for i in range(1, 4)]

@@ -124,6 +124,7 @@ def test_train_with_a_batch_the_devices_cannot_split_is_a_user_error(tmp_path):
 
 @pytest.mark.parametrize("config,overrides,fragments", [
     ("configs/missing.py", (), ("--config configs/missing.py: no such config file",)),
+    ("configs", (), ("--config configs: 'configs' is a folder; name a config file in it",)),
     ("configs/tiny.py:nope", (), ("--config configs/tiny.py:nope: unknown variant 'nope'",)),
     ("configs/tiny.py:", (), ("--config configs/tiny.py:: unknown variant ''",)),
     (TINY, ("--config.train.num_train_steps.x=1",),

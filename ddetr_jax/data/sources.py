@@ -74,6 +74,9 @@ def build_source(data_config, split: str, num_classes: int | None = None):
   else:
     raise errors.InvalidInputError(f"unknown data.source {data_config.source!r}; expected one of "
                                    f"{SOURCES}")
+  if len(source) == 0:
+    raise errors.InvalidInputError(f"the {split} split of {where} holds no images (data.source="
+                                   f"{data_config.source!r})")
   if num_classes is not None and source.max_label >= num_classes:
     category = source.label_to_category[source.max_label]
     raise errors.InvalidInputError(
