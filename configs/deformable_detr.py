@@ -41,7 +41,8 @@ def model_config(variant: str = "default") -> ml_collections.ConfigDict:
   m.with_box_refine = variant in ("box_refine", "two_stage")
   m.two_stage = variant == "two_stage"
   m.aux_loss = True
-  m.dtype = "float32"              # compute dtype: float32 or bfloat16 (params stay float32).
+  m.dtype = "float32"              # compute dtype: float32 or bfloat16 (params stay float32);
+                                   # float16 is accepted but untested (no loss scaling).
   m.attention_impl = "xla"         # xla | xla_packed | pallas | cpu | auto
   m.remat = False                  # jax.checkpoint each encoder/decoder layer.
   return m

@@ -78,8 +78,9 @@ class DeformableDETR(nn.Module):
   `num_feature_levels` 1 uses layer4 only (`dilation` True: DC5); 4 uses layer2-4 plus one extra
   stride-2 level. `with_box_refine` makes per-layer heads that refine the references;
   `two_stage` (requires with_box_refine) takes queries from encoder proposals.
-  `dtype` is the compute dtype ("float32" or "bfloat16"); parameters stay float32 and softmax,
-  normalisation statistics, sampling locations and box sigmoids run in float32.
+  `dtype` is the compute dtype ("float32" or "bfloat16"; "float16" is accepted but untested and
+  has no loss scaling); parameters stay float32 and softmax, normalisation statistics, sampling
+  locations and box sigmoids run in float32.
   """
   backbone_depth: int = 50
   backbone_norm: str = "frozen_bn"
