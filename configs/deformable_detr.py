@@ -63,7 +63,8 @@ def data_config() -> ml_collections.ConfigDict:
   d.cache_dir = ""                 # shapes: where the generated dataset is written.
   d.shapes = ml_collections.ConfigDict(dict(
       num_train=0, num_val=0, image_size=0, seed=0, min_objects=0, max_objects=0))
-  # Official augmentation (the official `datasets/coco.py`): flip, then multi-scale resize or resize-crop-resize.
+  # Official augmentation (the official `datasets/coco.py`): flip, then multi-scale resize or
+  # resize-crop-resize.
   d.train_scales = tuple(range(480, 801, 32))
   d.train_max_size = 1333
   d.crop_resize_scales = (400, 500, 600)

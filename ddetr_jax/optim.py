@@ -102,7 +102,8 @@ def _check_hyperparameters(c: Any) -> None:
   clipping), or a moment decay outside [0, 1)."""
   for key in ("lr", "lr_backbone", "lr_linear_proj_mult", "weight_decay", "clip_max_norm"):
     if key in c and not (math.isfinite(float(c[key])) and float(c[key]) >= 0):
-      raise errors.InvalidInputError(f"config.optim.{key} must be a finite number >= 0, got {c[key]!r}")
+      raise errors.InvalidInputError(
+          f"config.optim.{key} must be a finite number >= 0, got {c[key]!r}")
   for key in ("b1", "b2"):
     if key in c and not 0 <= float(c[key]) < 1:
       raise errors.InvalidInputError(f"config.optim.{key} must be in [0, 1), got {c[key]!r}")

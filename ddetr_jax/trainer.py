@@ -368,9 +368,7 @@ def train_and_evaluate(config, workdir: str, mesh: Optional[Mesh] = None) -> dic
     return _train_and_evaluate(config, workdir, mesh)
   try:
     os.makedirs(workdir, exist_ok=True)
-    lock = _lock_workdir(workdir)
-  except errors.InvalidInputError:
-    raise
+    lock = _lock_workdir(workdir)  # its InvalidInputError (a ValueError) passes through.
   except OSError as e:  # a parent that is a file, no permission, a read-only file system...
     raise errors.InvalidInputError(
         f"cannot use workdir {workdir!r}: {e.strerror or e} ({e.filename or workdir})") from None

@@ -1,7 +1,8 @@
 """The official PyTorch formulation of multi-scale deformable attention (`grid_sample`).
 
-Written from the op's definition in the paper and the official code: bilinear, zeros padding, align_corners=False on
-the grid 2 * loc - 1, weighted by the attention weights and summed over levels and points.
+Written from the op's definition in the paper and the official code: bilinear, zeros padding,
+align_corners=False on the grid 2 * loc - 1, weighted by the attention weights and summed over
+levels and points.
 Used as the independent reference by the operator and kernel tests.
 """
 import jax

@@ -1,5 +1,5 @@
-"""The configs: official defaults for the five variants (the official `main.py` arguments and `configs/*.sh`) and a consistent embedded
-default (configs/shapes.py)."""
+"""The configs: official defaults for the five variants (the official `main.py` arguments and
+`configs/*.sh`) and a consistent embedded default (configs/shapes.py)."""
 import pytest
 
 from configs import deformable_detr, shapes, tiny

@@ -53,15 +53,15 @@ def load_annotation_json(ann_file: str) -> dict:
   for i, category in enumerate(dataset["categories"]):
     if not isinstance(category, dict) or not isinstance(category.get("id"), int):
       raise malformed(f"categories[{i}] has no integer 'id': {str(category)[:200]}")
-  for what, entries in (("images", dataset["images"]), ("categories", dataset["categories"])):
-    first = {}
-    for i, entry in enumerate(entries):  # a repeated id would silently drop the earlier entry.
+  index_of_id = {}  # per list: id -> index of its entry (a repeated id would silently drop one)
+  for what in ("images", "categories"):
+    first = index_of_id[what] = {}
+    for i, entry in enumerate(dataset[what]):
       if entry["id"] in first:
         raise malformed(f"{what}[{first[entry['id']]}] and {what}[{i}] have the same id "
                         f"{entry['id']!r}")
       first[entry["id"]] = i
-  image_ids = {image["id"] for image in dataset["images"]}
-  category_ids = {category["id"] for category in dataset["categories"]}
+  image_ids, category_ids = index_of_id["images"], index_of_id["categories"]
   for i, ann in enumerate(dataset["annotations"]):
     where = f"annotations[{i}] (id {ann.get('id') if isinstance(ann, dict) else None})"
     if not isinstance(ann, dict):
