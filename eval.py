@@ -65,7 +65,7 @@ def main(argv):
   for name in ("workdir", "checkpoint", "torch_checkpoint", "out"):  # `--out=~/x` is not
     if getattr(FLAGS, name):                                         # expanded by the shell.
       setattr(FLAGS, name, os.path.expanduser(getattr(FLAGS, name)))
-  from ddetr_jax import evaluator, predict, sharding, trainer  # pylint: disable=g-import-not-at-top
+  from ddetr_jax import evaluator, output_folder, predict, sharding, trainer  # pylint: disable=g-import-not-at-top
   from ddetr_jax.models import build_model  # pylint: disable=g-import-not-at-top
 
   config = FLAGS.config
@@ -83,7 +83,8 @@ def main(argv):
     out_dir = FLAGS.out or os.path.join(FLAGS.workdir, "predictions")
     if jax.process_index() != 0:
       return  # predictions run on one process.
-    cli.make_output_folder(out_dir, "--out" if FLAGS.out else "--workdir")
+    output_folder.make(out_dir, f"--out={out_dir!r}" if FLAGS.out
+                       else f"--workdir={FLAGS.workdir!r}")
     patterns = FLAGS.predict or predict.validation_images(
         config, FLAGS.predict_val, export_dir=os.path.join(out_dir, "validation_images"))
     summary = predict.predict_files(model, params, config, patterns, out_dir,
@@ -95,7 +96,7 @@ def main(argv):
     return
 
   if jax.process_index() == 0:
-    cli.make_output_folder(FLAGS.workdir, "--workdir")
+    output_folder.make(FLAGS.workdir, f"--workdir={FLAGS.workdir!r}")
   metrics = evaluator.evaluate(model, params, config, mesh=sharding.make_mesh(),
                                workdir=FLAGS.workdir, step=step)
   if jax.process_index() == 0:

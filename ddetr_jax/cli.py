@@ -124,22 +124,6 @@ def _exit_with_user_error(message: str) -> None:
   sys.exit(USER_ERROR_EXIT_STATUS)
 
 
-def make_output_folder(path: str, flag: str) -> None:
-  """Creates the folder `path` (and its parents) that the entry point will write to, before any
-  long work, so a path that cannot be a folder fails at once.
-
-  Raises:
-    errors.InvalidInputError naming `flag` and `path`: a file is in the way, no permission, ...
-  """
-  if os.path.lexists(path) and not os.path.isdir(path):
-    raise errors.InvalidInputError(f"{flag}={path!r} is a file, not a folder")
-  try:
-    os.makedirs(path, exist_ok=True)
-  except OSError as e:
-    raise errors.InvalidInputError(
-        f"{flag}={path!r} cannot be created: {e.strerror or e} ({e.filename or path})") from None
-
-
 def start_distributed(auto_detect: bool, coordinator_address: Optional[str],
                       num_processes: Optional[int], process_id: Optional[int]) -> None:
   """`jax.distributed.initialize` from the entry points' flags; their mistakes are user errors.

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddetr_jax import errors
+from ddetr_jax import output_folder
 
 # Per-module entries that are not parameters: BatchNorm counters, thop profiling counters.
 _IGNORED_SUFFIXES = ("num_batches_tracked", "total_params", "total_ops")
@@ -526,20 +527,6 @@ def _not_a_converted_checkpoint(out_dir: str) -> Optional[str]:
   return None
 
 
-def _check_creatable(path: str, shown: str) -> None:
-  """Raises errors.InvalidInputError naming `shown` when the folder `path` (absent) cannot be
-  made: its nearest existing ancestor is not a folder, or not one this user may write in."""
-  ancestor = os.path.dirname(path)
-  while not os.path.lexists(ancestor):
-    ancestor = os.path.dirname(ancestor)
-  if not os.path.isdir(ancestor):
-    raise errors.InvalidInputError(f"{shown}: cannot be created: {ancestor!r} is a file, not a "
-                                   "folder; name a new folder for the converted checkpoint")
-  if not os.access(ancestor, os.W_OK | os.X_OK):
-    raise errors.InvalidInputError(f"{shown}: cannot be created: no permission to write in "
-                                   f"{ancestor!r}; name a folder you can write")
-
-
 def check_out_dir(out_dir: str, overwrite: bool = False) -> None:
   """Checks that `save_params` may write to `out_dir`; deletes nothing.
 
@@ -559,7 +546,10 @@ def check_out_dir(out_dir: str, overwrite: bool = False) -> None:
   if resolved != out_dir:
     out_dir = f"{out_dir} (= {resolved})"
   if not os.path.lexists(resolved):
-    _check_creatable(resolved, out_dir)
+    problem = output_folder.why_not_creatable(resolved)
+    if problem:
+      raise errors.InvalidInputError(f"{out_dir}: cannot be created: {problem}; name a new "
+                                     "folder for the converted checkpoint")
     return
   if not os.path.isdir(resolved):
     what = "is a file" if os.path.isfile(resolved) else "exists"

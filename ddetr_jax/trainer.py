@@ -53,6 +53,7 @@ from ddetr_jax import grouped_adamw
 from ddetr_jax import losses
 from ddetr_jax import metric_writer
 from ddetr_jax import optim
+from ddetr_jax import output_folder
 from ddetr_jax import sharding as sharding_lib
 from ddetr_jax.data import batching
 from ddetr_jax.models import build_model
@@ -362,14 +363,14 @@ def train_and_evaluate(config, workdir: str, mesh: Optional[Mesh] = None) -> dic
   """
   workdir = os.path.abspath(workdir)
   is_main = jax.process_index() == 0
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
+  if os.path.lexists(workdir) and not os.path.isdir(workdir):
     raise errors.InvalidInputError(f"workdir {workdir!r} is a file, not a folder")
   if not is_main:
     return _train_and_evaluate(config, workdir, mesh)
+  output_folder.make(workdir, f"workdir {workdir!r}")
   try:
-    os.makedirs(workdir, exist_ok=True)
     lock = _lock_workdir(workdir)  # its InvalidInputError (a ValueError) passes through.
-  except OSError as e:  # a parent that is a file, no permission, a read-only file system...
+  except OSError as e:  # no permission, a read-only file system...
     raise errors.InvalidInputError(
         f"cannot use workdir {workdir!r}: {e.strerror or e} ({e.filename or workdir})") from None
   try:

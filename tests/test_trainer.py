@@ -266,7 +266,7 @@ def test_workdir_that_is_a_file_is_an_error_naming_it(tmp_path):
                                mesh=sharding.make_mesh(jax.devices()[:1]))
   assert path.read_text() == "keep me"
   # A workdir below a file cannot be created: a user error naming it, not an OSError traceback.
-  with pytest.raises(errors.InvalidInputError, match=r"cannot use workdir .*a_file/run'.*Not a directory"):
+  with pytest.raises(errors.InvalidInputError, match=r"workdir .*a_file/run' cannot be created: Not a directory"):
     trainer.train_and_evaluate(train_worker.small_config(), str(path / "run"),
                                mesh=sharding.make_mesh(jax.devices()[:1]))
   assert path.read_text() == "keep me"
