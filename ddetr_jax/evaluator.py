@@ -182,6 +182,11 @@ def evaluate(model, params, config, mesh: Optional[Mesh] = None, workdir: Option
   if len(image_ids) + num_skipped != batches.num_records:
     raise RuntimeError(f"evaluated {len(image_ids)} images (+ {num_skipped} undecodable) but the "
                        f"{split!r} split has {batches.num_records}")
+  if num_skipped and num_skipped == batches.num_records:
+    example = f", e.g. {batches.first_error}" if batches.first_error else ""
+    raise data_lib.CorruptImageError(
+        f"none of the {num_skipped} images of the {split!r} split could be decoded{example}; "
+        f"check the images data.source={config.data.source!r} reads")
   if num_skipped:
     logging.warning("%d undecodable images were not evaluated (they count as missed)",
                     num_skipped)

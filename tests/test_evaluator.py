@@ -189,6 +189,26 @@ def test_evaluate_rejects_wrong_image_count(tmp_path, monkeypatch):
     evaluator.evaluate(oracle_model.OracleModel(), params, config)
 
 
+def test_evaluate_on_a_split_where_no_image_decodes_is_an_error(tmp_path):
+  # It printed all-zero metrics and exited 0; one undecodable image among good ones only warns.
+  config = _coco_folder_config(tmp_path, "contiguous")
+  images = json.loads((tmp_path / "val.json").read_text())["images"]
+  for image in images:
+    (tmp_path / image["file_name"]).write_bytes(b"not an image")
+  q, c = config.model.num_queries, config.model.num_classes
+  params = {"logits": jnp.zeros((8, q, c)), "boxes": jnp.full((8, q, 4), 0.5)}
+  with pytest.raises(data_lib.CorruptImageError,
+                     match=rf"none of the {len(images)} images of the 'val' split could be "
+                           rf"decoded, e.g. .*{images[0]['file_name']}"):
+    evaluator.evaluate(oracle_model.OracleModel(), params, config, workdir=str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  for image in images[1:]:
+    Image.new("RGB", (image["width"], image["height"])).save(tmp_path / image["file_name"])
+  metrics = evaluator.evaluate(oracle_model.OracleModel(), params, config)
+  assert metrics["num_images"] == len(images) - 1
+
+
 def test_load_params_plain_and_manager(tmp_path):
   params = {"backbone": {"conv1": {"kernel": np.arange(6, dtype=np.float32).reshape(2, 3)}},
             "query_embed": np.ones((4, 2), np.float32)}

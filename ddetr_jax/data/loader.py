@@ -287,6 +287,7 @@ class EvalBatches:
   Attributes:
     num_records: records in the split (all processes).
     stats: counts from the last pass: num_skipped, num_truncated_boxes.
+    first_error: the message of this process's first undecodable image in the last pass, or None.
   """
 
   def __init__(self, config, split: str, mesh: Mesh | None):
@@ -309,15 +310,19 @@ class EvalBatches:
       self._dataset = _multiprocess_prefetch(self._dataset, int(data.num_workers))
     self._globalize = _Globalize(mesh)
     self.stats = {key: 0 for key in _STAT_KEYS}
+    self.first_error = None
 
   def __len__(self) -> int:
     return self._num_batches
 
   def __iter__(self) -> Iterator[dict]:
     self.stats = {key: 0 for key in _STAT_KEYS}
+    self.first_error = None
     iterator = iter(self._dataset)
     try:
       for batch in iterator:
+        if self.first_error is None and batch["skipped_errors"]:
+          self.first_error = batch["skipped_errors"][0]
         yield self._globalize(_pop_stats(batch, self.stats))
     finally:
       close = getattr(iterator, "close", None)
