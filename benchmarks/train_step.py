@@ -148,7 +148,10 @@ def _autocast(dtype: str, device: str = "cpu"):
   return torch.autocast(device, dtype=getattr(torch, dtype))
 
 
-def bench_hf(config, batch: dict, steps: int, device: str = "cpu") -> dict:
+def build_hf_model(config, device: str = "cpu"):
+  """HF's `DeformableDetrForObjectDetection` for `config.model` (random init, an HF ResNet of the
+  same depth), in train mode on `device`, with ddetr_jax's trainable set: ResNet stages 2-4 and
+  everything after them (`requires_grad` False on the stem and stage 1)."""
   import torch  # pylint: disable=g-import-not-at-top
   from transformers import (DeformableDetrConfig, DeformableDetrForObjectDetection,  # pylint: disable=g-import-not-at-top
                             ResNetConfig)
@@ -177,6 +180,12 @@ def bench_hf(config, batch: dict, steps: int, device: str = "cpu") -> dict:
     param.requires_grad_(any(f"stages.{i}." in name for i in (1, 2, 3)))
   if not any(param.requires_grad for _, param in backbone_params):
     raise RuntimeError("no trainable HF backbone parameter: the stage naming changed")
+  return model
+
+
+def bench_hf(config, batch: dict, steps: int, device: str = "cpu") -> dict:
+  import torch  # pylint: disable=g-import-not-at-top
+  model = build_hf_model(config, device)
   optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr,
                                 weight_decay=config.optim.weight_decay)
   pixel_values = torch.from_numpy(batch["images"].transpose(0, 3, 1, 2).copy()).to(device)

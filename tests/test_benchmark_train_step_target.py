@@ -39,3 +39,22 @@ def test_hf_step_runs_on_the_resolved_device():
   assert result["step_s"] > 0 and result["gflop"] > 0
   assert math.isfinite(result["loss"])
   assert train_step.bench_hf_backbone(config, batch, steps=1, device="cpu") > 0
+
+
+@pytest.mark.parametrize("name", ["tiny", "full"])
+def test_hf_and_jax_steps_train_the_same_parameters(name):
+  # The comparison is fair only if both steps update as many weights: ResNet stages 2-4 and all
+  # after them, the stem, stage 1 and the frozen BatchNorms left alone in both.
+  import jax  # pylint: disable=g-import-not-at-top
+  from ddetr_jax import optim, trainer  # pylint: disable=g-import-not-at-top
+  from ddetr_jax.models import build_model  # pylint: disable=g-import-not-at-top
+  config = train_step._config(name)  # pylint: disable=protected-access
+  hf = train_step.build_hf_model(config)
+  hf_trained = sum(p.numel() for p in hf.parameters() if p.requires_grad)
+  params = trainer.abstract_params(build_model(config), config)
+  labels = jax.tree_util.tree_leaves(optim.param_labels(params))
+  jax_trained = sum(math.prod(leaf.shape) for leaf, label
+                    in zip(jax.tree_util.tree_leaves(params), labels) if label != "frozen")
+  assert jax_trained == hf_trained
+  # Both leave something frozen (the stem and stage 1), so the counts are not of everything.
+  assert hf_trained < sum(p.numel() for p in hf.parameters())
