@@ -81,8 +81,8 @@ def main():
 
   model = build_model(config)
   t0 = time.perf_counter()
-  params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)),
-                               jnp.zeros((1, 64, 64), bool))["params"]
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, h, w, 3)),  # the timed size:
+                               jnp.zeros((1, h, w), bool))["params"]  # two-stage needs >= Q positions
   jax.block_until_ready(params)
   print(f"jax init: {time.perf_counter() - t0:.1f} s")
 

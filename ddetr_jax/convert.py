@@ -330,10 +330,12 @@ def _to_flax(value: np.ndarray, transform: str, slice_index: Optional[int]) -> n
 
 def expected_param_shapes(config) -> dict:
   """Shapes of the Flax params of config's model (no compute: jax.eval_shape)."""
+  from ddetr_jax.data import batching
   from ddetr_jax.models import build_model
   model = build_model(config)
-  images = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
-  mask = jax.ShapeDtypeStruct((1, 64, 64), jnp.bool_)
+  image_shape, mask_shape = batching.init_shapes(config.data)  # as the trainer initialises it.
+  images = jax.ShapeDtypeStruct(image_shape, jnp.float32)
+  mask = jax.ShapeDtypeStruct(mask_shape, jnp.bool_)
   return jax.eval_shape(model.init, jax.random.key(0), images, mask)["params"]
 
 
@@ -598,8 +600,10 @@ def main(argv) -> None:
     layout = to_official_names(state_dict)[1]
     init_params = None
     if layout == "torchvision_resnet":
+      from ddetr_jax.data import batching
       from ddetr_jax.models import build_model
-      images, mask = jnp.zeros((1, 64, 64, 3)), jnp.zeros((1, 64, 64), bool)
+      image_shape, mask_shape = batching.init_shapes(config.data)
+      images, mask = jnp.zeros(image_shape), jnp.zeros(mask_shape, bool)
       init_params = jax.jit(build_model(config).init)(jax.random.key(FLAGS.seed), images, mask)["params"]
     params = params_from_state_dict(state_dict, config, init_params)
   except CheckpointError as e:

@@ -142,11 +142,11 @@ def evaluate(model, params, config, mesh: Optional[Mesh] = None, workdir: Option
       config.model.num_classes).
     mesh: a Mesh with a 'data' axis, or None for the default device.
     workdir: if given, process 0 writes coco_results.json and coco_metrics.json there.
-    step: training step recorded in coco_metrics.json.
+    step: training step recorded in coco_metrics.json (null there when None).
     split: 'val' (or 'train').
   Returns:
     {metric name: value} for METRIC_NAMES, 'num_images' (the images evaluated: the split's
-    records minus undecodable ones), plus 'step' if given.
+    records minus undecodable ones) and 'step' (None when not given, e.g. for converted weights).
   """
   batches = data_lib.make_eval_batches(config, split, mesh)
   categories = data_lib.categories(config.data)
@@ -198,8 +198,7 @@ def evaluate(model, params, config, mesh: Optional[Mesh] = None, workdir: Option
                        f"{split!r} split has {batches.num_records} records")
   metrics = coco_metrics(gt_coco, detections, verbose=True)
   metrics["num_images"] = len(image_ids)
-  if step is not None:
-    metrics["step"] = int(step)
+  metrics["step"] = None if step is None else int(step)  # null in the json: not known.
   if workdir and jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "coco_results.json"), "w") as f:

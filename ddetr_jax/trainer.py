@@ -114,13 +114,6 @@ def jit_train_step(train_step: Callable, mesh, state_shapes: TrainState) -> Call
                  out_shardings=(state_sharding, replicated), donate_argnums=(0,))
 
 
-def _init_shapes(config) -> tuple:
-  """Image and mask shapes used to initialise the model (batch 1, the smallest bucket)."""
-  batching.check_config(config.data)
-  side = int(min(config.data.buckets))
-  return (1, side, side, 3), (1, side, side)
-
-
 def seed_rngs(seed: int) -> tuple[np.ndarray, np.ndarray]:
   """(init rng, base train rng), uint32 [2] each, from config.train.seed."""
   init_rng, train_rng = np.asarray(jax.random.split(jax.random.PRNGKey(seed)))
@@ -129,7 +122,7 @@ def seed_rngs(seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def init_params(model, config, rng: jax.Array, mesh) -> Any:
   """Freshly initialised params, replicated on the mesh."""
-  image_shape, mask_shape = _init_shapes(config)
+  image_shape, mask_shape = batching.init_shapes(config.data)
 
   def init(key):
     return model.init(key, jnp.zeros(image_shape, jnp.float32), jnp.zeros(mask_shape, bool),
@@ -146,7 +139,7 @@ def abstract_params(model, config) -> Any:
   gave them (a ResNet depth, a sampler impl, a hidden size GroupNorm cannot split) and raise
   errors.InvalidInputError for one they cannot use.
   """
-  image_shape, mask_shape = _init_shapes(config)
+  image_shape, mask_shape = batching.init_shapes(config.data)
   return jax.eval_shape(
       lambda key: model.init(key, jnp.zeros(image_shape, jnp.float32),
                              jnp.zeros(mask_shape, bool), train=False)["params"],
@@ -412,8 +405,9 @@ def _train_and_evaluate(config, workdir: str, mesh: Optional[Mesh]) -> dict:
 
   steps_per_epoch = _steps_per_epoch(config)
   eval_every = int(tc.get("eval_every", -1))
-  if eval_every != 0:
-    data_lib.check_image_files(config, "val")  # now, not at the first evaluation.
+  if eval_every != 0:  # now, not at the first evaluation (after the training, by default).
+    sharding_lib.check_batch_divisible(int(config.eval.batch_size), mesh, "eval.batch_size")
+    data_lib.check_image_files(config, "val")
   num_steps = int(tc.num_train_steps) if tc.num_train_steps > 0 else int(tc.epochs) * steps_per_epoch
   accum = int(config.optim.get("grad_accum_steps", 1) or 1)
   lr_schedule = optim.learning_rate_schedule(config.optim.lr, config.optim.lr_drop,

@@ -31,7 +31,28 @@ def test_official_defaults(variant):
   assert (l.cls_loss_coef, l.bbox_loss_coef, l.giou_loss_coef, l.focal_alpha) == (2.0, 5.0, 2.0, 0.25)
   assert config.data.train_scales == tuple(range(480, 801, 32)) and config.data.train_max_size == 1333
   assert (config.data.val_scale, config.data.val_max_size) == (800, 1333)
+  d = config.data  # the resize-crop-resize branch
+  assert (d.crop_resize_scales, d.crop_min_size, d.crop_max_size, d.crop_prob) == (
+      (400, 500, 600), 384, 600, 0.5)
+  assert (o.b1, o.b2, l.focal_gamma) == (0.9, 0.999, 2.0)
+  assert (config.train.global_batch_size, config.eval.num_top) == (32, 100)  # 16 GPUs x 2; top-100
   build_model(config)  # every model field is one the module takes
+
+
+def test_two_stage_on_images_too_small_for_its_queries_names_both_numbers():
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from ddetr_jax import errors  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config("two_stage")
+  config.model.num_queries = 200
+  model = build_model(config)
+  # 64 px: 8x8 + 4x4 + 2x2 + 1x1 = 85 encoder positions to pick 200 proposals from.
+  with pytest.raises(errors.InvalidInputError,
+                     match=r"its 200 queries .* only 85 \(8x8 \+ 4x4 \+ 2x2 \+ 1x1 over"):
+    jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)),
+                   jnp.zeros((1, 64, 64), bool))
+  jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 128, 128, 3)),
+                 jnp.zeros((1, 128, 128), bool))  # 16x16 + ... = 340 positions: enough.
 
 
 def test_unknown_variant_is_refused():

@@ -97,6 +97,24 @@ def test_official_pth_layout(hf_models, tmp_path):
                       convert.params_from_hf_state_dict(sd, config))
 
 
+def test_full_size_two_stage_converts_to_the_trainers_params(tmp_path):
+  # The conversion traced the model on 64 px images: 85 encoder positions, fewer than the 300
+  # queries two-stage picks among them, so every full-size two-stage checkpoint failed.
+  from configs import deformable_detr  # pylint: disable=g-import-not-at-top
+  from ddetr_jax import trainer  # pylint: disable=g-import-not-at-top
+  from ddetr_jax.models import build_model  # pylint: disable=g-import-not-at-top
+  config = deformable_detr.get_config("two_stage")
+  hf = build_hf_model(config.model, seed=1)
+  params = convert.params_from_hf_state_dict(hf.state_dict(), config)
+  wanted = trainer.abstract_params(build_model(config), config)
+  assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(wanted)
+  for got, want in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(wanted)):
+    assert got.shape == want.shape
+  kernel = [v for k, v in _flat(params).items() if k.endswith("enc_output/kernel")]
+  assert len(kernel) == 1  # the two-stage proposal head, with HF's weights
+  np.testing.assert_array_equal(kernel[0], hf.state_dict()["model.enc_output.weight"].numpy().T)
+
+
 def test_hub_names_timm_backbone_and_safetensors(hf_models, tmp_path):
   """SenseTime hub naming: conv_encoder + timm (torchvision) ResNet names, fc1/out_proj, and tied
   duplicates dropped as save_pretrained does."""

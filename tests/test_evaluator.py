@@ -290,7 +290,8 @@ def test_eval_cli_evaluates_and_predicts(tmp_path):
   run = subprocess.run(base, env=env, cwd=root, capture_output=True, text=True, timeout=300)
   assert run.returncode == 0, run.stderr[-3000:]
   metrics = json.loads((tmp_path / "work" / "coco_metrics.json").read_text())
-  assert set(metrics) == set(evaluator.METRIC_NAMES) | {"num_images"}
+  assert set(metrics) == set(evaluator.METRIC_NAMES) | {"num_images", "step"}
+  assert metrics["step"] is None  # converted weights: no training step to record.
   assert metrics["num_images"] == config.data.shapes.num_val
   assert f"AR100 {metrics['AR100']:.4f}" in run.stdout
   results = json.loads((tmp_path / "work" / "coco_results.json").read_text())

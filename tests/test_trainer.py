@@ -258,6 +258,16 @@ def test_batch_not_divisible_by_devices_names_both_numbers(tmp_path):
     trainer.train_and_evaluate(config, str(tmp_path), mesh=sharding.make_mesh())
 
 
+def test_eval_batch_the_devices_cannot_split_is_an_error_before_training(tmp_path):
+  # It stopped the run only at the evaluation, after the whole training (eval_every=-1).
+  config = train_worker.small_config(eval_every=-1)
+  config.eval.batch_size = 6
+  with pytest.raises(ValueError, match=r"eval.batch_size=6 .*number of devices 8"):
+    trainer.train_and_evaluate(config, str(tmp_path), mesh=sharding.make_mesh())
+  assert not os.path.exists(tmp_path / "checkpoints") and not os.path.exists(
+      tmp_path / "metrics.jsonl")
+
+
 def test_workdir_that_is_a_file_is_an_error_naming_it(tmp_path):
   path = tmp_path / "a_file"
   path.write_text("keep me")

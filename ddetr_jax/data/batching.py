@@ -38,6 +38,15 @@ def check_config(data_config) -> None:
     raise errors.InvalidInputError(f"data.max_boxes must be an integer >= 1, got {max_boxes!r}")
 
 
+def init_shapes(data_config) -> tuple[tuple[int, int, int, int], tuple[int, int]]:
+  """(image shape [1, side, side, 3], padding-mask shape [1, side, side]) at the smallest bucket:
+  the inputs a model is initialised (or its parameter shapes traced) with, the smallest batch
+  training can feed it. Checks data_config first (`check_config`)."""
+  check_config(data_config)
+  side = int(min(data_config.buckets))
+  return (1, side, side, 3), (1, side, side)
+
+
 def select_bucket(height: int, width: int, buckets) -> int:
   """Smallest bucket side >= max(height, width)."""
   fitting = [b for b in sorted(buckets) if b >= max(height, width)]

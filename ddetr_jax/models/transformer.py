@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ddetr_jax import errors
 from ddetr_jax.models import initializers
 from ddetr_jax.models.dense import Dense
 from ddetr_jax.models.deformable_attention import MSDeformAttn
@@ -319,6 +320,14 @@ class DeformableTransformer(nn.Module):
       enc_logits = class_heads[-1](out_memory).astype(jnp.float32)  # [B, S, K]
       enc_box_logits = bbox_heads[-1](out_memory).astype(jnp.float32) + proposal_logits  # [B, S, 4]
       outputs.update(enc_logits=enc_logits, enc_box_logits=enc_box_logits)
+      num_positions = sum(h * w for h, w in spatial_shapes)
+      if num_positions < self.num_queries:
+        levels = " + ".join(f"{h}x{w}" for h, w in spatial_shapes)
+        raise errors.InvalidInputError(
+            f"two-stage picks its {self.num_queries} queries among the encoder's positions, but "
+            f"these images give only {num_positions} ({levels} over the levels); use larger "
+            f"images (the smallest of data.buckets initialises the model) or fewer "
+            f"model.num_queries")
       _, topk = jax.lax.top_k(enc_logits[..., 0], self.num_queries)  # [B, Q]
       topk_box_logits = jax.lax.stop_gradient(
           jnp.take_along_axis(enc_box_logits, topk[..., None], axis=1))  # [B, Q, 4]
