@@ -82,3 +82,38 @@ def test_detector_init_box_refine():
   _assert_xavier_uniform(np.asarray(ref["kernel"]), fan_in=32, fan_out=2)
   assert 0.5 < np.std(params["query_embed"]) < 1.5  # N(0, 1)
   assert params["query_embed"].shape == (16, 64)
+
+
+def _tiny_heads(variant: str) -> dict:
+  config = tiny.get_config(variant)
+  config.model.enc_layers = 1
+  model = build_model(config)
+  images, mask = jnp.zeros((1, 64, 64, 3)), jnp.zeros((1, 64, 64), bool)
+  params = jax.jit(model.init)(jax.random.key(0), images, mask)["params"]
+  heads = {n: p for n, p in params.items() if n.startswith(("class_embed", "bbox_embed"))}
+  return heads, config.model.dec_layers
+
+
+def test_detector_init_shared_heads_without_box_refinement():
+  # Official: one class head and one box head shared by every decoder layer, box bias[2:] = -2.
+  heads, _ = _tiny_heads("default")
+  assert sorted(heads) == ["bbox_embed", "class_embed"]
+  np.testing.assert_allclose(heads["class_embed"]["bias"], -math.log((1 - 0.01) / 0.01), rtol=1e-6)
+  assert np.all(heads["bbox_embed"]["layers_2"]["kernel"] == 0)
+  np.testing.assert_array_equal(heads["bbox_embed"]["layers_2"]["bias"], [0, 0, -2, -2])
+
+
+def test_detector_init_two_stage_heads():
+  # Official: one head pair per decoder layer plus the encoder's (k = dec_layers), all clones;
+  # two-stage then sets every box head's bias[2:] back to 0, head 0's included.
+  heads, dec_layers = _tiny_heads("two_stage")
+  assert sorted(heads) == sorted(f"{kind}_embed_{k}" for kind in ("bbox", "class")
+                                 for k in range(dec_layers + 1))
+  for k in range(dec_layers + 1):
+    np.testing.assert_array_equal(heads[f"bbox_embed_{k}"]["layers_2"]["bias"], [0, 0, 0, 0])
+    assert np.all(heads[f"bbox_embed_{k}"]["layers_2"]["kernel"] == 0)
+    np.testing.assert_allclose(heads[f"class_embed_{k}"]["bias"], -math.log(99), rtol=1e-6)
+    np.testing.assert_array_equal(heads[f"class_embed_{k}"]["kernel"],  # clones of one init
+                                  heads["class_embed_0"]["kernel"])
+    np.testing.assert_array_equal(heads[f"bbox_embed_{k}"]["layers_0"]["kernel"],
+                                  heads["bbox_embed_0"]["layers_0"]["kernel"])
