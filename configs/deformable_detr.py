@@ -73,7 +73,8 @@ def data_config() -> ml_collections.ConfigDict:
   d.crop_prob = 0.5                # probability of branch (b), the resize-crop-resize one.
   d.val_scale = 800
   d.val_max_size = 1333
-  d.buckets = tuple(range(512, 1345, 128)) + (1344,)  # padded side lengths (square buckets).
+  d.buckets = tuple(range(512, 1345, 128)) + (1344,)  # padded side lengths.
+  d.bucket_shape = "rect"          # rect: height and width padded apart | square: H = W (fewer shapes).
   d.max_boxes = 100
   d.num_workers = 4
   d.strict = False                 # True: a corrupt image raises instead of being skipped.

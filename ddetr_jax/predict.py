@@ -74,24 +74,30 @@ def load_image(path: str) -> np.ndarray:
   return pixels
 
 
-def padded_side(height: int, width: int, buckets: Sequence[int]) -> int:
-  """Side of the square input an (height, width) resized image is padded to.
+def padded_shape(height: int, width: int, buckets: Sequence[int], shape: str = "square"
+                 ) -> tuple[int, int]:
+  """(H, W) of the input an (height, width) resized image is padded to.
 
-  The smallest bucket >= max(height, width), as `batching.select_bucket`; when none is (the
-  official resize rule can leave the longer side 1 pixel above `max_size`, e.g. 1000x333 ->
-  43x129 for max_size 128), max(height, width) rounded up to a multiple of SIZE_DIVISIBILITY.
+  The bucket shape `batching.select_bucket_shape` gives (`shape`: data.bucket_shape); where no
+  bucket holds a side (the official resize rule can leave the longer side 1 pixel above
+  `max_size`, e.g. 1000x333 -> 43x129 for max_size 128), that side rounded up to a multiple of
+  SIZE_DIVISIBILITY instead.
   """
-  longest = max(height, width)
-  if longest <= max(buckets):
-    return batching.select_bucket(height, width, buckets)
-  return -(-longest // SIZE_DIVISIBILITY) * SIZE_DIVISIBILITY
+  def fit(length: int) -> int:
+    fitting = [b for b in buckets if b >= length]
+    return min(fitting) if fitting else -(-length // SIZE_DIVISIBILITY) * SIZE_DIVISIBILITY
+
+  if shape == "square":
+    side = fit(max(height, width))
+    return side, side
+  return fit(height), fit(width)
 
 
 def image_batch(image: np.ndarray, config) -> dict:
   """A one-image batch (see ddetr_jax/data/batching.py) resized like validation images.
 
-  image: [H, W, 3] uint8. The batch's `images` are [1, S, S, 3] with S from `padded_side`: a data
-  bucket, or for an image that fits none a larger side (one more compiled shape).
+  image: [H, W, 3] uint8. The batch's `images` are [1, H, W, 3] with (H, W) from `padded_shape`:
+  a data bucket shape, or for an image that fits none a larger one (one more compiled shape).
   """
   record = {"image": image, "boxes": np.zeros((0, 4), np.float32),
             "labels": np.zeros((0,), np.int32), "is_crowd": np.zeros((0,), bool),
@@ -100,9 +106,10 @@ def image_batch(image: np.ndarray, config) -> dict:
   record = transforms.eval_transform(record, scale=config.data.val_scale,
                                      max_size=config.data.val_max_size)
   buckets = tuple(config.data.buckets)
-  side = padded_side(*record["image"].shape[:2], buckets)
-  batch = batching.collate([record], buckets + (side,) * (side not in buckets),
-                           int(config.data.max_boxes))
+  shape = batching.bucket_shape_of(config.data)
+  padded = padded_shape(*record["image"].shape[:2], buckets, shape)
+  extra = tuple(sorted(set(padded) - set(buckets)))  # sides above the largest bucket
+  batch = batching.collate([record], buckets + extra, int(config.data.max_boxes), shape)
   batch.pop("num_truncated_boxes", None)
   return batch
 

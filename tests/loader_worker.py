@@ -27,6 +27,7 @@ def main():
   config.data.cache_dir = args.cache_dir
   config.train.global_batch_size = 4
   config.data.buckets = BUCKETS
+  config.data.bucket_shape = "rect"  # heights and widths padded apart: agreed on apart too.
   iterator = data.make_train_iterator(config, mesh=sharding.make_mesh())
   batches = []
   for _ in range(args.num_batches):

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from ddetr_jax.data import batching
 from tests import loader_worker
@@ -24,15 +25,19 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_pad_to_side_pads_images_with_zeros_and_mask_with_true():
-  batch = {"images": np.ones((2, 3, 3, 3), np.float32), "padding_mask": np.zeros((2, 3, 3), bool),
+def test_pad_to_shape_pads_images_with_zeros_and_mask_with_true():
+  batch = {"images": np.ones((2, 3, 4, 3), np.float32), "padding_mask": np.zeros((2, 3, 4), bool),
            "boxes": np.full((2, 1, 4), 0.5, np.float32)}
-  out = batching.pad_to_side(batch, 5)
-  assert out["images"].shape == (2, 5, 5, 3) and out["padding_mask"].shape == (2, 5, 5)
-  assert (out["images"][:, :3, :3] == 1).all() and (out["images"][:, 3:] == 0).all()
-  assert not out["padding_mask"][:, :3, :3].any() and out["padding_mask"][:, 3:].all()
-  assert out["padding_mask"][:, :, 3:].all()
+  out = batching.pad_to_shape(batch, 5, 6)
+  assert out["images"].shape == (2, 5, 6, 3) and out["padding_mask"].shape == (2, 5, 6)
+  assert (out["images"][:, :3, :4] == 1).all() and (out["images"][:, 3:] == 0).all()
+  assert (out["images"][:, :, 4:] == 0).all()
+  assert not out["padding_mask"][:, :3, :4].any() and out["padding_mask"][:, 3:].all()
+  assert out["padding_mask"][:, :, 4:].all()
   assert (out["boxes"] == batch["boxes"]).all()
+  assert batching.pad_to_shape(batch, 3, 4) is batch
+  with pytest.raises(ValueError, match="cannot pad a batch of 3x4 down to 3x3"):
+    batching.pad_to_shape(batch, 3, 3)
 
 
 def test_two_processes_agree_on_the_bucket(tmp_path):
@@ -57,13 +62,15 @@ def test_two_processes_agree_on_the_bucket(tmp_path):
   for i, (proc, out) in enumerate(zip(procs, outputs)):
     assert proc.returncode == 0, f"process {i}:\n{out[-3000:]}"
   results = [json.load(open(tmp_path / f"r{i}.json")) for i in range(2)]
-  local_buckets_differ = False
+  local_buckets_differ = non_square = False
   for b0, b1 in zip(*results):
     assert b0["global_shape"] == b1["global_shape"]
-    side = b0["global_shape"][1]
-    own = [batching.select_bucket(max(h for h, _ in b["size"]), max(w for _, w in b["size"]),
-                                  loader_worker.BUCKETS) for b in (b0, b1)]
-    assert side == max(own)
+    # Rectangular buckets: each process's own (H, W); the global batch takes the larger of each.
+    own = [batching.select_bucket_shape(max(h for h, _ in b["size"]), max(w for _, w in b["size"]),
+                                        loader_worker.BUCKETS, "rect") for b in (b0, b1)]
+    assert tuple(b0["global_shape"][1:3]) == (max(own[0][0], own[1][0]), max(own[0][1], own[1][1]))
     local_buckets_differ |= own[0] != own[1]
+    non_square |= b0["global_shape"][1] != b0["global_shape"][2]
     assert not set(b0["image_id"]) & set(b1["image_id"])  # disjoint shards
   assert local_buckets_differ, "no batch exercised differing per-process buckets"
+  assert non_square, "no batch had a rectangular global shape"

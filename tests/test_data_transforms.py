@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from configs import tiny
 from ddetr_jax.data import batching
 from ddetr_jax.data import transforms
 
@@ -123,6 +124,40 @@ def test_select_bucket():
   assert batching.select_bucket(64, 64, (128, 64)) == 64
   with pytest.raises(ValueError, match=r"129x20.*data.buckets"):
     batching.select_bucket(129, 20, (64, 128))
+
+
+def test_select_bucket_shape_square_and_rect():
+  buckets = (32, 64, 128)
+  assert batching.select_bucket_shape(30, 50, buckets) == (64, 64)
+  assert batching.select_bucket_shape(30, 50, buckets, "rect") == (32, 64)
+  assert batching.select_bucket_shape(100, 20, buckets, "rect") == (128, 32)
+  # The COCO config's buckets: an 800x1066 image (shorter side 800, longer capped by 1333).
+  coco = tuple(range(512, 1345, 128)) + (1344,)
+  assert batching.select_bucket_shape(800, 1066, coco) == (1152, 1152)
+  assert batching.select_bucket_shape(800, 1066, coco, "rect") == (896, 1152)
+  with pytest.raises(ValueError, match=r"20x129.*data.buckets"):
+    batching.select_bucket_shape(20, 129, (64, 128), "rect")
+  with pytest.raises(ValueError, match=r"data.bucket_shape .*'round'"):
+    batching.select_bucket_shape(20, 20, (64, 128), "round")
+
+
+def test_bucket_shape_key_is_checked():
+  config = tiny.get_config()
+  config.data.bucket_shape = "Rect"
+  with pytest.raises(ValueError, match=r"data.bucket_shape must be one of \('square', 'rect'\), "
+                                       r"got 'Rect'"):
+    batching.check_config(config.data)
+
+
+def test_collate_rect_pads_height_and_width_apart():
+  records = [{"image": np.full((30, 50, 3), 100, np.uint8), "boxes": np.zeros((0, 4), np.float32),
+              "labels": np.zeros(0, np.int32), "image_id": 1, "orig_size": np.array([30, 50])},
+             {"image": np.full((20, 60, 3), 100, np.uint8), "boxes": np.zeros((0, 4), np.float32),
+              "labels": np.zeros(0, np.int32), "image_id": 2, "orig_size": np.array([20, 60])}]
+  batch = batching.collate(records, buckets=(32, 64, 128), max_boxes=2, shape="rect")
+  assert batch["images"].shape == (2, 32, 64, 3)  # square would be (2, 64, 64, 3)
+  assert not batch["padding_mask"][0, :30, :50].any() and batch["padding_mask"][0, 30:].all()
+  assert batch["padding_mask"][1, :, 60:].all() and not batch["padding_mask"][1, :20, :60].any()
 
 
 def test_collate_pads_images_and_boxes():

@@ -127,7 +127,8 @@ def test_eval_cli_on_tfds(eval_cli):
   command, tmp_path = eval_cli
   run = _run(command)
   metrics = json.loads((tmp_path / "work" / "coco_metrics.json").read_text())
-  assert set(metrics) == set(evaluator.METRIC_NAMES) | {"num_images"}
+  assert set(metrics) == set(evaluator.METRIC_NAMES) | {"num_images", "step"}
+  assert metrics["step"] is None  # a converted-style checkpoint: no training step
   for name in evaluator.METRIC_NAMES:
     assert f"{name:>6s} {metrics[name]:.4f}" in run.stdout, name
   assert metrics["num_images"] == len(tfds_coco_mock.VALIDATION)

@@ -75,9 +75,17 @@ def test_image_batch_pads_an_image_longer_than_the_largest_bucket():
   assert not batch["padding_mask"][0, :43, :129].any()
   assert batch["padding_mask"][0, 43:].all() and batch["padding_mask"][0, :, 129:].all()
   assert tuple(batch["orig_size"][0]) == (333, 1000)
-  assert predict.padded_side(43, 129, (64, 128)) == 192
-  assert predict.padded_side(43, 128, (64, 128)) == 128  # the buckets when one fits
-  assert predict.padded_side(43, 64, (64, 128)) == 64
+  assert predict.padded_shape(43, 129, (64, 128)) == (192, 192)
+  assert predict.padded_shape(43, 128, (64, 128)) == (128, 128)  # the buckets when one fits
+  assert predict.padded_shape(43, 64, (64, 128)) == (64, 64)
+  # Rectangular buckets: each side on its own.
+  assert predict.padded_shape(43, 129, (64, 128), "rect") == (64, 192)
+  assert predict.padded_shape(100, 43, (64, 128), "rect") == (128, 64)
+  config.data.bucket_shape = "rect"
+  batch = predict.image_batch(np.zeros((333, 1000, 3), np.uint8), config)
+  assert batch["images"].shape == (1, 64, 192, 3)
+  assert not batch["padding_mask"][0, :43, :129].any()
+  assert batch["padding_mask"][0, 43:].all() and batch["padding_mask"][0, :, 129:].all()
 
 
 class _FixedModel:

@@ -86,20 +86,23 @@ class _TrainRecord:
 class _SkipAndBatchIterDataset(grain.IterDataset):
   """Batches `batch_size` records with `batching.collate`, dropping (and counting) skip markers."""
 
-  def __init__(self, parent: grain.IterDataset, batch_size: int, buckets, max_boxes: int):
+  def __init__(self, parent: grain.IterDataset, batch_size: int, buckets, max_boxes: int,
+               bucket_shape: str):
     super().__init__(parent)
     self.batch_size, self.buckets, self.max_boxes = batch_size, tuple(buckets), max_boxes
+    self.bucket_shape = bucket_shape
 
   def __iter__(self):
     return _SkipAndBatchIterator(self._parent.__iter__(), self.batch_size, self.buckets,
-                                 self.max_boxes)
+                                 self.max_boxes, self.bucket_shape)
 
 
 class _SkipAndBatchIterator(grain.DatasetIterator):
 
-  def __init__(self, parent, batch_size: int, buckets, max_boxes: int):
+  def __init__(self, parent, batch_size: int, buckets, max_boxes: int, bucket_shape: str):
     super().__init__(parent)
     self.batch_size, self.buckets, self.max_boxes = batch_size, buckets, max_boxes
+    self.bucket_shape = bucket_shape
 
   def __next__(self) -> dict:
     records, errors = [], []
@@ -115,7 +118,7 @@ class _SkipAndBatchIterator(grain.DatasetIterator):
               f"image folder the config names")
       else:
         records.append(record)
-    batch = batching.collate(records, self.buckets, self.max_boxes)
+    batch = batching.collate(records, self.buckets, self.max_boxes, self.bucket_shape)
     batch["skipped_errors"] = errors
     return batch
 
@@ -150,8 +153,8 @@ class _Globalize:
   """Turns a numpy batch into global jax arrays on `mesh` (device keys only).
 
   With several processes, each collates its own images and may pick a smaller bucket than
-  another; the processes agree on the largest (a tiny host all-gather) and pad up to it, so the
-  global batch has one shape.
+  another; the processes agree on the largest height and the largest width (a tiny host
+  all-gather) and pad up to them, so the global batch has one shape.
   """
 
   def __init__(self, mesh: Mesh | None):
@@ -161,8 +164,9 @@ class _Globalize:
     if self.sharding is None:
       return batch
     if jax.process_count() > 1:
-      sides = multihost_utils.process_allgather(np.int32(batch["images"].shape[1]))
-      batch = batching.pad_to_side(batch, int(np.max(sides)))
+      shapes = multihost_utils.process_allgather(np.array(batch["images"].shape[1:3], np.int32))
+      height, width = np.max(np.asarray(shapes).reshape(-1, 2), axis=0)
+      batch = batching.pad_to_shape(batch, int(height), int(width))
     out = dict(batch)
     for key in batching.DEVICE_KEYS:
       out[key] = jax.make_array_from_process_local_data(self.sharding, batch[key])
@@ -243,7 +247,7 @@ def make_train_iterator(config, mesh: Mesh | None = None,
   ds = ds.random_map(_TrainRecord(source, data), seed=_process_seed(seed, 1))
   ds = ds[jax.process_index()::jax.process_count()]
   it_ds = _SkipAndBatchIterDataset(ds.to_iter_dataset(_READ_OPTIONS), local_batch, data.buckets,
-                                   int(data.max_boxes))
+                                   int(data.max_boxes), batching.bucket_shape_of(data))
   if data.num_workers > 0:
     it_ds = _multiprocess_prefetch(it_ds, int(data.num_workers))
   iterator = TrainIterator(it_ds, mesh)
@@ -272,8 +276,8 @@ class _EvalRecord:
     return transforms.eval_transform(record, scale=self.scale, max_size=self.max_size)
 
 
-def _collate_eval(records: list[dict], buckets, max_boxes: int) -> dict:
-  batch = batching.collate(records, buckets, max_boxes)
+def _collate_eval(records: list[dict], buckets, max_boxes: int, bucket_shape: str) -> dict:
+  batch = batching.collate(records, buckets, max_boxes, bucket_shape)
   batch["skipped_errors"] = [r["error"] for r in records if r.get("skipped")]
   return batch
 
@@ -304,7 +308,8 @@ class EvalBatches:
     ds = grain.MapDataset.range(self._num_batches * local_batch)
     ds = ds.map(_EvalRecord(self.source, data, jax.process_index(), jax.process_count()))
     ds = ds.batch(local_batch, batch_fn=functools.partial(
-        _collate_eval, buckets=tuple(data.buckets), max_boxes=int(data.max_boxes)))
+        _collate_eval, buckets=tuple(data.buckets), max_boxes=int(data.max_boxes),
+        bucket_shape=batching.bucket_shape_of(data)))
     self._dataset = ds.to_iter_dataset(_READ_OPTIONS)
     if data.num_workers > 0:
       self._dataset = _multiprocess_prefetch(self._dataset, int(data.num_workers))
