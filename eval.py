@@ -84,7 +84,7 @@ def main(argv):
     if jax.process_index() != 0:
       return  # predictions run on one process.
     output_folder.make(out_dir, f"--out={out_dir!r}" if FLAGS.out
-                       else f"--workdir={FLAGS.workdir!r}")
+                       else f"--workdir={FLAGS.workdir!r}: its {out_dir!r}")
     patterns = FLAGS.predict or predict.validation_images(
         config, FLAGS.predict_val, export_dir=os.path.join(out_dir, "validation_images"))
     summary = predict.predict_files(model, params, config, patterns, out_dir,

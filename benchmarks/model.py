@@ -41,7 +41,7 @@ def _run_jax(args) -> dict:
   model = build_model(config)
   images = jnp.asarray(_images(args.batch, args.height, args.width))
   mask = jnp.zeros(images.shape[:3], bool)
-  shapes = jax.eval_shape(model.init, jax.random.key(0), images[:1, :64, :64], mask[:1, :64, :64])
+  shapes = jax.eval_shape(model.init, jax.random.key(0), images[:1], mask[:1])  # two-stage: >= Q positions
   rng = np.random.default_rng(0)
   params = jax.tree_util.tree_map(lambda s: jnp.asarray(0.02 * rng.standard_normal(s.shape), s.dtype), shapes)
   forward = jax.jit(lambda p, x, m: model.apply(p, x, m)["pred_boxes"])

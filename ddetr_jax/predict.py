@@ -3,9 +3,10 @@
 `predict_files(model, params, config, patterns, out_dir)` reads every file matching the patterns
 (any size; grayscale, palette, CMYK, 16-bit and RGBA images are converted to RGB, transparency
 composited on white), resizes it like validation images (shorter side `data.val_scale`, longer
-at most `data.val_max_size`), pads it to the smallest `data.buckets` side that holds it (an
-image the official resize rule leaves 1 pixel longer than the largest bucket, e.g. 129 px for
-`val_max_size` 128, is padded to a multiple of 64 instead, at the cost of one more compilation),
+at most `data.val_max_size`), pads it to its bucket shape (`data.bucket_shape`: the smallest
+`data.buckets` side holding both sides, or each side on its own; a side the official resize
+rule leaves 1 pixel longer than the largest bucket, e.g. 129 px for `val_max_size` 128, is
+padded to a multiple of 64 instead, at the cost of one more compilation),
 runs the detector one image at a time, and writes into `out_dir`
   <stem>.jpg              the image with boxes, class names and scores > threshold
   <stem>_attention.png    (the `num_attention` best detections) the last decoder layer's
@@ -316,11 +317,11 @@ def predict_files(model, params, config, patterns: Sequence[str], out_dir: str,
       summary["skipped"].append({"file": path, "error": str(e)})
       continue
     batch = image_batch(image, config)
-    side = batch["images"].shape[1]
-    if side not in buckets:
+    height, width = batch["images"].shape[1:3]
+    if height not in buckets or width not in buckets:
       logging.warning("%s: resized to %dx%d, larger than the largest bucket %d of data.buckets; "
                       "padded to %dx%d (one more compilation)", path, *batch["size"][0],
-                      max(buckets), side, side)
+                      max(buckets), height, width)
     out = predictor(batch)
     keep = np.flatnonzero(out["scores"][0] > threshold)
     detections = [{"label": int(out["labels"][0, k]),

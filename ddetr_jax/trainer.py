@@ -530,7 +530,12 @@ def _train_and_evaluate(config, workdir: str, mesh: Optional[Mesh]) -> dict:
           check(*pending)
           pending = None
         eval_start = _now()
-        run_eval(step_done)
+        try:
+          run_eval(step_done)
+        except Exception:  # e.g. no validation image decodes: keep the steps trained so far.
+          if manager.latest_step() != step_done:
+            save(step_done)
+          raise
         window_start += _now() - eval_start  # images/s counts training time only.
     if pending is not None:
       check(*pending)

@@ -489,6 +489,20 @@ def test_images_per_sec_counts_each_step_once_and_not_evaluation(monkeypatch, tm
     assert row["images_per_sec"] == pytest.approx(config.train.global_batch_size), (step, row)
 
 
+def test_a_failing_evaluation_mid_run_keeps_the_steps_trained(monkeypatch, tmp_path):
+  # An evaluation at step 3 (eval_every=3) raises, e.g. because no validation image decodes:
+  # the error reaches the user and step 3 is saved, not only step 2's checkpoint.
+  def failing_evaluate(*args, **kwargs):
+    raise data_lib.CorruptImageError("none of the 8 images of the 'val' split could be decoded")
+
+  monkeypatch.setattr(trainer.evaluator, "evaluate", failing_evaluate)
+  config = train_worker.small_config(num_steps=5, eval_every=3)
+  config.train.checkpoint_every = 2
+  with pytest.raises(data_lib.CorruptImageError, match="could be decoded"):
+    trainer.train_and_evaluate(config, str(tmp_path), mesh=sharding.make_mesh(jax.devices()[:1]))
+  assert sorted(int(n) for n in os.listdir(tmp_path / "checkpoints") if n.isdigit()) == [2, 3]
+
+
 def test_preempted_run_summary_lists_only_the_files_it_wrote(one_device_run, monkeypatch,
                                                              tmp_path):
   monkeypatch.setattr(trainer._Preemption, "requested", lambda self, step: True)  # SIGTERM now.
