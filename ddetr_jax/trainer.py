@@ -453,13 +453,13 @@ def _train_and_evaluate(config, workdir: str, mesh: Optional[Mesh]) -> dict:
     writer.resume_at(start_step)  # the steps after the checkpoint are logged again.
   log_every = max(1, int(tc.log_every))
   checkpoint_every = int(tc.checkpoint_every)
-  preemption = _Preemption(log_every)
   last_eval: dict = {}
   window: dict = {}
   window_loss = float("nan")
   iterator = data_lib.make_train_iterator(config, mesh, start_state=data_state)
   progress = tqdm.tqdm(total=num_steps, initial=start_step, desc="train", unit="step",
                        disable=not is_main, dynamic_ncols=True)
+  preemption = _Preemption(log_every)  # last before the try: its finally restores the handlers.
 
   def save(step: int):
     manager.save(step, state.params, state.opt_state, state.rng, iterator.get_state())

@@ -7,3 +7,22 @@ if _FLAG not in os.environ.get("XLA_FLAGS", ""):
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # TensorFlow (TFDS) must never grab a GPU.
+
+import signal  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers_left_as_found():
+  """Every test leaves the SIGINT and SIGTERM handlers as it found them (the trainer installs its
+  own for preemption and must restore them, even when the run fails). A test that changes one
+  fails in teardown naming the handlers; they are put back first, so later tests are unaffected."""
+  signums = (signal.SIGINT, signal.SIGTERM)
+  before = {s: signal.getsignal(s) for s in signums}
+  yield
+  changed = {signal.Signals(s).name: (before[s], signal.getsignal(s)) for s in signums
+             if signal.getsignal(s) is not before[s]}
+  for s in signums:
+    signal.signal(s, before[s])
+  assert not changed, f"signal handlers changed by the test (before, after): {changed}"

@@ -298,6 +298,7 @@ def test_second_run_on_a_workdir_in_use_is_an_error_naming_the_first(tmp_path):
 
 
 def test_ctrl_c_asks_for_a_checkpoint_and_a_second_one_interrupts():
+  signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, as in train.py
   preemption = trainer._Preemption(every=1)
   try:
     signal.raise_signal(signal.SIGINT)
