@@ -298,16 +298,21 @@ def test_second_run_on_a_workdir_in_use_is_an_error_naming_the_first(tmp_path):
 
 
 def test_ctrl_c_asks_for_a_checkpoint_and_a_second_one_interrupts():
-  signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, as in train.py
-  preemption = trainer._Preemption(every=1)
+  # From Python's own handler, as in train.py started from a terminal (a process started in the
+  # background by a non-interactive shell, as `nohup make test &`, inherits SIGINT ignored).
+  original = signal.signal(signal.SIGINT, signal.default_int_handler)
   try:
-    signal.raise_signal(signal.SIGINT)
-    assert preemption.requested(1)
-    with pytest.raises(KeyboardInterrupt):
+    preemption = trainer._Preemption(every=1)
+    try:
       signal.raise_signal(signal.SIGINT)
+      assert preemption.requested(1)
+      with pytest.raises(KeyboardInterrupt):
+        signal.raise_signal(signal.SIGINT)
+    finally:
+      preemption.restore()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
   finally:
-    preemption.restore()
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    signal.signal(signal.SIGINT, original)
 
 
 def test_resume_drops_the_rows_logged_after_the_checkpoint(tmp_path):
