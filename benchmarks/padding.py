@@ -115,6 +115,7 @@ def main():
     print("|---|---|")
     for shape, s in seconds.items():
       print(f"| {shape[0]}x{shape[1]} | {s:.3f} |")
+    print()
     print(f"rect / square: {seconds[rect] / seconds[square]:.2f}")
 
 

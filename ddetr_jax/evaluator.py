@@ -219,7 +219,8 @@ def checkpoint_params_dir(checkpoint_dir: str) -> tuple[str, Optional[int]]:
   """The orbax item directory holding the params, and its step (None for a plain checkpoint).
 
   Accepts a CheckpointManager directory (numbered step folders, latest taken, item 'params'),
-  one step folder of it (holding 'params/'), or a plain PyTree checkpoint (e.g. from convert).
+  one step folder of it (holding 'params/'; its step is the folder's number), or a plain
+  PyTree checkpoint (e.g. from convert).
   """
   if os.path.isfile(checkpoint_dir):
     raise errors.InvalidInputError(
@@ -238,7 +239,8 @@ def checkpoint_params_dir(checkpoint_dir: str) -> tuple[str, Optional[int]]:
                                      f"(has {sorted(os.listdir(step_dir))})")
     return params_dir, steps[-1]
   if "params" in names and os.path.isdir(os.path.join(checkpoint_dir, "params")):
-    return os.path.join(checkpoint_dir, "params"), None
+    name = os.path.basename(os.path.normpath(checkpoint_dir))
+    return os.path.join(checkpoint_dir, "params"), int(name) if _is_step_dir(name) else None
   return checkpoint_dir, None
 
 

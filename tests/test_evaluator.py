@@ -224,6 +224,8 @@ def test_load_params_plain_and_manager(tmp_path):
     restored = evaluator.load_params(str(tmp_path / name))
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b * factor), restored, params)
   assert evaluator.checkpoint_params_dir(str(tmp_path / "manager"))[1] == 10
+  assert evaluator.checkpoint_params_dir(str(tmp_path / "manager" / "2") + "/")[1] == 2
+  assert evaluator.checkpoint_params_dir(str(tmp_path / "wrapped"))[1] is None
   with pytest.raises(FileNotFoundError, match="no_such_dir"):
     evaluator.load_params(str(tmp_path / "no_such_dir"))
 
