@@ -268,6 +268,27 @@ class _Preemption:
         signal.signal(signum, previous)
 
 
+class _NewShapes:
+  """Tells the user when a batch shape arrives that the train step has not run yet: jit compiles
+  the step for it, so the progress bar stalls (with rectangular buckets a COCO run meets a few
+  dozen shapes, see data/batching.py). The first shape compiles before any step is expected."""
+
+  def __init__(self):
+    self.seen = set()
+
+  def check(self, step: int, shape: tuple) -> bool:
+    """True (and a line for the user) when `shape` [B, H, W, 3] is new and not the first."""
+    key = tuple(shape[1:3])
+    if key in self.seen:
+      return False
+    self.seen.add(key)
+    if len(self.seen) == 1:
+      return False
+    _announce(f"step {step}: first batch of {key[0]}x{key[1]} px: compiling the train step for "
+              f"it (batch shape {len(self.seen)} of this run)")
+    return True
+
+
 def _now() -> float:
   """Seconds on a monotonic clock (the throughput windows; a function so tests can drive it)."""
   return time.monotonic()
@@ -505,8 +526,10 @@ def _train_and_evaluate(config, workdir: str, mesh: Optional[Mesh]) -> dict:
                              img_s=f"{scalars['images_per_sec']:.1f}", refresh=False)
         window, window_steps, window_start = {}, 0, returned
 
+    new_shapes = _NewShapes()
     for step in range(start_step, num_steps):
       batch = next(iterator)
+      new_shapes.check(step + 1, batch["images"].shape)
       state, metrics = train_step(state, {k: batch[k] for k in data_lib.DEVICE_KEYS})
       returned = _now()
       if pending is not None:

@@ -297,6 +297,19 @@ def test_second_run_on_a_workdir_in_use_is_an_error_naming_the_first(tmp_path):
   trainer.os.close(trainer._lock_workdir(workdir))  # released: free again.
 
 
+def test_a_new_batch_shape_is_announced_once(capsys):
+  shapes = trainer._NewShapes()
+  assert not shapes.check(1, (8, 64, 64, 3))  # the first compile is expected: no line
+  assert shapes.check(2, (8, 48, 64, 3))
+  assert not shapes.check(3, (8, 48, 64, 3)) and not shapes.check(4, (8, 64, 64, 3))
+  assert shapes.check(5, (8, 64, 48, 3))  # rectangular buckets: H and W both count
+  lines = capsys.readouterr().out.splitlines()  # printed above the progress bar
+  assert len(lines) == 2
+  for line, (step, size, count) in zip(lines, [(2, "48x64", 2), (5, "64x48", 3)]):
+    assert line.startswith(f"step {step}: ") and f" {size} px" in line, line
+    assert "compiling" in line and f"shape {count} " in line, line
+
+
 def test_ctrl_c_asks_for_a_checkpoint_and_a_second_one_interrupts():
   # From Python's own handler, as in train.py started from a terminal (a process started in the
   # background by a non-interactive shell, as `nohup make test &`, inherits SIGINT ignored).
