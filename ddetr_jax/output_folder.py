@@ -16,11 +16,14 @@ def make(path: str, shown: str) -> None:
     path: the folder.
     shown: how error messages name it, e.g. "workdir '/runs/a'" or "--out='pred'".
   Raises:
-    errors.InvalidInputError "{shown} is a file, not a folder" or "{shown} cannot be created:
+    errors.InvalidInputError "{shown} is a file (or a link to nothing), not a folder" or
+    "{shown} cannot be created:
     {reason} ({the path the system refused})".
   """
   if os.path.lexists(path) and not os.path.isdir(path):
-    raise errors.InvalidInputError(f"{shown} is a file, not a folder")
+    what = ("a link to nothing" if os.path.islink(path) and not os.path.exists(path)
+            else "a file")
+    raise errors.InvalidInputError(f"{shown} is {what}, not a folder")
   try:
     os.makedirs(path, exist_ok=True)
   except OSError as e:

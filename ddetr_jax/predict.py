@@ -91,6 +91,9 @@ def padded_shape(height: int, width: int, buckets: Sequence[int], shape: str = "
   if shape == "square":
     side = fit(max(height, width))
     return side, side
+  if shape != "rect":
+    raise errors.InvalidInputError(f"data.bucket_shape must be one of {batching.BUCKET_SHAPES}, "
+                                   f"got {shape!r}")
   return fit(height), fit(width)
 
 

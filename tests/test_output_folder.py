@@ -25,6 +25,9 @@ def test_make_refuses_a_file_and_a_path_below_a_file(tmp_path):
                      match=rf"^workdir 'w' cannot be created: Not a directory \({afile}"):
     output_folder.make(str(afile / "run"), "workdir 'w'")
   assert afile.read_text() == "keep me"
+  (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+  with pytest.raises(errors.InvalidInputError, match=r"^--out='d' is a link to nothing, not a folder$"):
+    output_folder.make(str(tmp_path / "dangling"), "--out='d'")
 
 
 def test_why_not_creatable_judges_the_nearest_existing_ancestor(tmp_path, monkeypatch):

@@ -81,6 +81,8 @@ def test_image_batch_pads_an_image_longer_than_the_largest_bucket():
   # Rectangular buckets: each side on its own.
   assert predict.padded_shape(43, 129, (64, 128), "rect") == (64, 192)
   assert predict.padded_shape(100, 43, (64, 128), "rect") == (128, 64)
+  with pytest.raises(ValueError, match=r"data.bucket_shape .*'Rect'"):
+    predict.padded_shape(100, 43, (64, 128), "Rect")
   config.data.bucket_shape = "rect"
   batch = predict.image_batch(np.zeros((333, 1000, 3), np.uint8), config)
   assert batch["images"].shape == (1, 64, 192, 3)
