@@ -20,15 +20,21 @@ def make(path: str, shown: str) -> None:
     "{shown} cannot be created:
     {reason} ({the path the system refused})".
   """
-  if os.path.lexists(path) and not os.path.isdir(path):
-    what = ("a link to nothing" if os.path.islink(path) and not os.path.exists(path)
-            else "a file")
-    raise errors.InvalidInputError(f"{shown} is {what}, not a folder")
+  refuse_non_folder(path, shown)
   try:
     os.makedirs(path, exist_ok=True)
   except OSError as e:
     raise errors.InvalidInputError(
         f"{shown} cannot be created: {e.strerror or e} ({e.filename or path})") from None
+
+
+def refuse_non_folder(path: str, shown: str) -> None:
+  """Raises errors.InvalidInputError "{shown} is a file (or a link to nothing), not a folder"
+  when something that is not a folder is at `path`; an absent path or a folder passes."""
+  if os.path.lexists(path) and not os.path.isdir(path):
+    what = ("a link to nothing" if os.path.islink(path) and not os.path.exists(path)
+            else "a file")
+    raise errors.InvalidInputError(f"{shown} is {what}, not a folder")
 
 
 def why_not_creatable(path: str) -> Optional[str]:

@@ -75,26 +75,22 @@ def load_image(path: str) -> np.ndarray:
   return pixels
 
 
+def _oversize_sides(height: int, width: int, buckets: Sequence[int]) -> tuple[int, ...]:
+  """The sides of (height, width) that no bucket holds, each rounded up to a multiple of
+  SIZE_DIVISIBILITY (the official resize rule can leave the longer side 1 pixel above
+  `max_size`, e.g. 1000x333 -> 43x129 for max_size 128): extra sides for this one image."""
+  largest = max(buckets)
+  return tuple(sorted({-(-d // SIZE_DIVISIBILITY) * SIZE_DIVISIBILITY
+                       for d in (height, width) if d > largest}))
+
+
 def padded_shape(height: int, width: int, buckets: Sequence[int], shape: str = "square"
                  ) -> tuple[int, int]:
-  """(H, W) of the input an (height, width) resized image is padded to.
-
-  The bucket shape `batching.select_bucket_shape` gives (`shape`: data.bucket_shape); where no
-  bucket holds a side (the official resize rule can leave the longer side 1 pixel above
-  `max_size`, e.g. 1000x333 -> 43x129 for max_size 128), that side rounded up to a multiple of
-  SIZE_DIVISIBILITY instead.
-  """
-  def fit(length: int) -> int:
-    fitting = [b for b in buckets if b >= length]
-    return min(fitting) if fitting else -(-length // SIZE_DIVISIBILITY) * SIZE_DIVISIBILITY
-
-  if shape == "square":
-    side = fit(max(height, width))
-    return side, side
-  if shape != "rect":
-    raise errors.InvalidInputError(f"data.bucket_shape must be one of {batching.BUCKET_SHAPES}, "
-                                   f"got {shape!r}")
-  return fit(height), fit(width)
+  """(H, W) of the input an (height, width) resized image is padded to: the bucket shape
+  `batching.select_bucket_shape` gives (`shape`: data.bucket_shape), with a side no bucket holds
+  rounded up to a multiple of SIZE_DIVISIBILITY instead."""
+  return batching.select_bucket_shape(
+      height, width, tuple(buckets) + _oversize_sides(height, width, buckets), shape)
 
 
 def image_batch(image: np.ndarray, config) -> dict:
@@ -110,10 +106,9 @@ def image_batch(image: np.ndarray, config) -> dict:
   record = transforms.eval_transform(record, scale=config.data.val_scale,
                                      max_size=config.data.val_max_size)
   buckets = tuple(config.data.buckets)
-  shape = batching.bucket_shape_of(config.data)
-  padded = padded_shape(*record["image"].shape[:2], buckets, shape)
-  extra = tuple(sorted(set(padded) - set(buckets)))  # sides above the largest bucket
-  batch = batching.collate([record], buckets + extra, int(config.data.max_boxes), shape)
+  extra = _oversize_sides(*record["image"].shape[:2], buckets)  # as `padded_shape`
+  batch = batching.collate([record], buckets + extra, int(config.data.max_boxes),
+                           batching.bucket_shape_of(config.data))
   batch.pop("num_truncated_boxes", None)
   return batch
 

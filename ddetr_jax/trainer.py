@@ -377,11 +377,11 @@ def train_and_evaluate(config, workdir: str, mesh: Optional[Mesh] = None) -> dic
   """
   workdir = os.path.abspath(workdir)
   is_main = jax.process_index() == 0
-  if os.path.lexists(workdir) and not os.path.isdir(workdir):
-    raise errors.InvalidInputError(f"workdir {workdir!r} is a file, not a folder")
-  if not is_main:
+  shown = f"workdir {workdir!r}"
+  if not is_main:  # process 0 makes the folder; the others only refuse a file in its place.
+    output_folder.refuse_non_folder(workdir, shown)
     return _train_and_evaluate(config, workdir, mesh)
-  output_folder.make(workdir, f"workdir {workdir!r}")
+  output_folder.make(workdir, shown)
   try:
     lock = _lock_workdir(workdir)  # its InvalidInputError (a ValueError) passes through.
   except OSError as e:  # no permission, a read-only file system...
