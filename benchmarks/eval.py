@@ -33,7 +33,7 @@ from transformers.models.deformable_detr.image_processing_pil_deformable_detr im
     DeformableDetrImageProcessorPil)
 
 from configs import deformable_detr  # noqa: E402
-from ddetr_jax import cpu_dispatch, host_malloc  # noqa: E402
+from ddetr_jax import cpu_dispatch, host_malloc, xla_gpu_flags  # noqa: E402
 from ddetr_jax.models import build_model  # noqa: E402
 from ddetr_jax.postprocess import postprocess  # noqa: E402
 from tests.test_model_hf_reference import build_hf_model  # noqa: E402
@@ -63,6 +63,7 @@ def main():
   args = parser.parse_args()
   malloc_tuned = host_malloc.tune()  # as eval.py: before JAX allocates
   sync_dispatch = cpu_dispatch.use_synchronous_cpu_dispatch()  # as eval.py, before JAX's client
+  xla_gpu_flags.disable_triton_gemm()  # as eval.py
 
   config = deformable_detr.get_config(args.variant)
   config.model.dropout = 0.0

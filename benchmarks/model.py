@@ -29,8 +29,9 @@ def _images(batch: int, height: int, width: int):
 
 
 def _run_jax(args) -> dict:
-  from ddetr_jax import cpu_dispatch
+  from ddetr_jax import cpu_dispatch, xla_gpu_flags
   sync_dispatch = cpu_dispatch.use_synchronous_cpu_dispatch()  # as eval.py (cli.run)
+  xla_gpu_flags.disable_triton_gemm()  # as eval.py (cli.run), before JAX's first backend
   import jax
   import jax.numpy as jnp
   import numpy as np

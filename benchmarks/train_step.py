@@ -323,13 +323,15 @@ def main():
                       help="the JAX model's ms_deform_attn impl: auto, cpu, pallas, xla, "
                            "xla_packed")
   args = parser.parse_args()
-  from ddetr_jax import cpu_dispatch, host_malloc  # pylint: disable=g-import-not-at-top
+  from ddetr_jax import cpu_dispatch, host_malloc, xla_gpu_flags  # pylint: disable=g-import-not-at-top
   # JAX and HF run in this process, so both always see the same allocator.
   if args.malloc == "tuned":
     host_malloc.reexec_with_huge_pages()  # with DDETR_JAX_HUGE_PAGES=1: restarts with THP
   malloc_tuned = args.malloc == "tuned" and host_malloc.tune()
   # As train.py: synchronous CPU dispatch unless DDETR_JAX_ASYNC_DISPATCH=1 (torch unaffected).
   sync_dispatch = cpu_dispatch.use_synchronous_cpu_dispatch()
+  # As train.py: XLA's Triton GEMM fusion off (XLA aborted compiling the step with it on a GPU).
+  xla_gpu_flags.disable_triton_gemm()
   huge_pages = host_malloc.HUGE_PAGES_TUNABLE in os.environ.get("GLIBC_TUNABLES", "")
   import jax  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top

@@ -150,9 +150,10 @@ def main():
   unknown = sorted(set(ablations) - set(ABLATIONS))
   if unknown:
     parser.error(f"--ablations: unknown {unknown}; choose from {list(ABLATIONS)}")
-  from ddetr_jax import cpu_dispatch, host_malloc  # pylint: disable=g-import-not-at-top
+  from ddetr_jax import cpu_dispatch, host_malloc, xla_gpu_flags  # pylint: disable=g-import-not-at-top
   host_malloc.tune()
   cpu_dispatch.use_synchronous_cpu_dispatch()
+  xla_gpu_flags.disable_triton_gemm()  # as train.py
   import jax  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; torch {torch.__version__} "

@@ -9,8 +9,9 @@
   start_distributed(...)  jax.distributed.initialize from --distributed / --coordinator_address /
       --num_processes / --process_id, their mistakes as user errors.
   run(main)  absl's `app.run(main)`, after restarting with transparent huge pages where they
-      apply (`host_malloc.reexec_with_huge_pages`) and making CPU dispatch synchronous
-      (`cpu_dispatch`), with two changes: absl and orbax log at WARNING (orbax logs every
+      apply (`host_malloc.reexec_with_huge_pages`), making CPU dispatch synchronous
+      (`cpu_dispatch`) and turning XLA's Triton GEMM fusion off for GPUs (`xla_gpu_flags`),
+      with two changes: absl and orbax log at WARNING (orbax logs every
       checkpoint save and restore at INFO) unless --verbosity is given (`--verbosity=0` shows
       them); and an `errors.UserError` is printed as `error: <message>` on stderr with exit
       status 2 and no traceback, as is a flag absl cannot parse (unknown flag, bad value,
@@ -32,6 +33,7 @@ from ml_collections.config_flags import config_flags as ml_config_flags
 from ddetr_jax import cpu_dispatch
 from ddetr_jax import errors
 from ddetr_jax import host_malloc
+from ddetr_jax import xla_gpu_flags
 
 USER_ERROR_EXIT_STATUS = 2
 
@@ -168,10 +170,13 @@ def run(main: Callable[[list[str]], None]) -> None:
 
   First restarts the process with transparent huge pages for glibc's large blocks where that
   applies (`host_malloc.reexec_with_huge_pages`, opt-in: DDETR_JAX_HUGE_PAGES=1), then makes
-  CPU dispatch synchronous (`cpu_dispatch`; DDETR_JAX_ASYNC_DISPATCH=1 keeps JAX's default).
+  CPU dispatch synchronous (`cpu_dispatch`; DDETR_JAX_ASYNC_DISPATCH=1 keeps JAX's default)
+  and turns XLA's Triton GEMM fusion off for GPUs (`xla_gpu_flags`; XLA aborted compiling the
+  train step with it).
   """
   host_malloc.reexec_with_huge_pages()
   cpu_dispatch.use_synchronous_cpu_dispatch()
+  xla_gpu_flags.disable_triton_gemm()
 
   def main_printing_user_errors(argv):
     if not flags.FLAGS["verbosity"].present:

@@ -38,6 +38,7 @@ def test_train_and_eval_entry_points_make_dispatch_synchronous(monkeypatch):
   monkeypatch.setattr(cli.host_malloc, "reexec_with_huge_pages", lambda: calls.append("thp"))
   monkeypatch.setattr(cli.cpu_dispatch, "use_synchronous_cpu_dispatch",
                       lambda: calls.append("sync"))
+  monkeypatch.setattr(cli.xla_gpu_flags, "disable_triton_gemm", lambda: calls.append("gemm"))
   monkeypatch.setattr(cli.app, "run", lambda main, **kwargs: calls.append("app"))
   cli.run(lambda argv: None)
-  assert calls == ["thp", "sync", "app"]
+  assert calls == ["thp", "sync", "gemm", "app"]

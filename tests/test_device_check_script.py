@@ -19,7 +19,7 @@ def _pins(text: str) -> dict:
 def test_carried_wheels_pin_the_versions_of_requirements_txt():
   wheels = _pins(re.search(r"WHEELS=\((.*?)\)", SCRIPT.read_text(), re.S).group(1))
   required = _pins((ROOT / "requirements.txt").read_text())
-  for name in ("ml-collections", "pycocotools", "grain"):
+  for name in ("flax", "optax", "orbax-checkpoint", "ml-collections", "pycocotools", "grain"):
     assert wheels[name] == required[name], name
 
 
