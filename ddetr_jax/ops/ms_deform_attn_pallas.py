@@ -6,7 +6,8 @@ nothing); the corner arithmetic is the very `ms_deform_attn.corners_xy` the XLA 
 
 GPU lowering: Pallas' Triton backend (`jax.experimental.pallas.triton`, selected by passing its
 `CompilerParams`), written for and tested with JAX 0.10.2, where the Triton backend is still
-shipped. JAX deprecates it from 0.11 in favour of Mosaic GPU; where it is missing or the kernel
+shipped; its tests also passed, compiled by Triton, with JAX 0.11.2 on an NVIDIA H200
+(2026-12-04). JAX deprecates it from 0.11 in favour of Mosaic GPU; where it is missing or the kernel
 fails to compile, `impl="auto"` falls back to "xla" (`gpu_kernel_unavailable_reason`). Off GPU
 the same kernel body runs with `interpret=True` (slow; for tests).
 
