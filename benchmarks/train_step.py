@@ -41,9 +41,6 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-_RESNET = {18: ("basic", [2, 2, 2, 2], [64, 128, 256, 512]),
-           34: ("basic", [3, 4, 6, 3], [64, 128, 256, 512]),
-           50: ("bottleneck", [3, 4, 6, 3], [256, 512, 1024, 2048])}
 
 
 def _config(name: str):
@@ -153,25 +150,12 @@ def build_hf_model(config, device: str = "cpu"):
   same depth), in train mode on `device`, with ddetr_jax's trainable set: ResNet stages 2-4 and
   everything after them (`requires_grad` False on the stem and stage 1)."""
   import torch  # pylint: disable=g-import-not-at-top
-  from transformers import (DeformableDetrConfig, DeformableDetrForObjectDetection,  # pylint: disable=g-import-not-at-top
-                            ResNetConfig)
+  from transformers import DeformableDetrForObjectDetection  # pylint: disable=g-import-not-at-top
+  from tests.test_model_hf_reference import hf_config  # pylint: disable=g-import-not-at-top
   m = config.model
-  layer_type, depths, sizes = _RESNET[m.backbone_depth]
-  backbone = ResNetConfig(layer_type=layer_type, depths=depths, hidden_sizes=sizes,
-                          embedding_size=64,
-                          out_features=["stage2", "stage3", "stage4"] if m.num_feature_levels > 1
-                          else ["stage4"])
-  hf_config = DeformableDetrConfig(
-      use_timm_backbone=False, use_pretrained_backbone=False, backbone=None,
-      backbone_config=backbone, d_model=m.hidden_dim, encoder_layers=m.enc_layers,
-      decoder_layers=m.dec_layers, encoder_attention_heads=m.nheads,
-      decoder_attention_heads=m.nheads, encoder_ffn_dim=m.dim_feedforward,
-      decoder_ffn_dim=m.dim_feedforward, num_queries=m.num_queries, num_labels=m.num_classes,
-      num_feature_levels=m.num_feature_levels, encoder_n_points=m.enc_n_points,
-      decoder_n_points=m.dec_n_points, with_box_refine=m.with_box_refine,
-      two_stage=m.two_stage, auxiliary_loss=m.aux_loss, dropout=m.dropout)
   torch.manual_seed(0)
-  model = DeformableDetrForObjectDetection(hf_config).to(device).train()
+  model = DeformableDetrForObjectDetection(
+      hf_config(m, dropout=m.dropout, auxiliary_loss=m.aux_loss)).to(device).train()
   # Same trainable set as the official code and ddetr_jax: ResNet stages 2-4 train, the stem and
   # stage 1 stay frozen. HF's own rule freezes the whole HF ResNet (it looks for "stage.1" in
   # parameter names that read "stages.1"), which would skip the backbone's backward pass.
@@ -279,12 +263,11 @@ def bench_jax_backbone(config, batch: dict, steps: int) -> float:
 def bench_hf_backbone(config, batch: dict, steps: int, device: str = "cpu") -> float:
   """The same for HF's ResNet (stem and stage 1 frozen)."""
   import torch  # pylint: disable=g-import-not-at-top
-  from transformers import ResNetBackbone, ResNetConfig  # pylint: disable=g-import-not-at-top
-  layer_type, depths, sizes = _RESNET[config.model.backbone_depth]
+  from transformers import ResNetBackbone  # pylint: disable=g-import-not-at-top
+  from tests.test_model_hf_reference import hf_resnet_config  # pylint: disable=g-import-not-at-top
   torch.manual_seed(0)
-  net = ResNetBackbone(ResNetConfig(layer_type=layer_type, depths=depths, hidden_sizes=sizes,
-                                    embedding_size=64,
-                                    out_features=["stage2", "stage3", "stage4"]))
+  net = ResNetBackbone(hf_resnet_config(config.model.backbone_depth,
+                                        ["stage2", "stage3", "stage4"]))
   net = net.to(device).train()
   for name, param in net.named_parameters():
     param.requires_grad_(any(f"stages.{i}." in name for i in (1, 2, 3)))

@@ -1,5 +1,6 @@
 """Builds randomly initialised HuggingFace Deformable DETR models (no download) for parity tests,
-and checks the reference itself (DC5 patch of HF's ResNet)."""
+and checks the reference itself (DC5 patch of HF's ResNet). `hf_config` and `hf_resnet_config`
+also serve the benchmarks that time HF's model (benchmarks/train_step.py, benchmarks/eval.py)."""
 import numpy as np
 import torch
 from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection, ResNetConfig
@@ -7,6 +8,33 @@ from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection,
 _RESNET = {18: ("basic", [2, 2, 2, 2], [64, 128, 256, 512]),
            34: ("basic", [3, 4, 6, 3], [64, 128, 256, 512]),
            50: ("bottleneck", [3, 4, 6, 3], [256, 512, 1024, 2048])}
+
+
+def hf_resnet_config(depth: int, out_features: list[str]) -> ResNetConfig:
+  """HF's ResNet of `depth` (18, 34, 50; a 64-channel stem), returning `out_features`."""
+  layer_type, depths, sizes = _RESNET[depth]
+  return ResNetConfig(layer_type=layer_type, depths=depths, hidden_sizes=sizes, embedding_size=64,
+                      out_features=out_features)
+
+
+def hf_config(model_config, dropout: float = 0.0, auxiliary_loss: bool = True
+              ) -> DeformableDetrConfig:
+  """HF's config for `config.model` (ml_collections): the same dims, layers, queries, levels,
+  points and variant, an HF ResNet of the same depth (no pretrained weights, nothing fetched),
+  `dropout` where HF applies its `dropout` (attention and activation dropout off)."""
+  m = model_config
+  out_features = ["stage2", "stage3", "stage4"] if m.num_feature_levels > 1 else ["stage4"]
+  return DeformableDetrConfig(
+      use_timm_backbone=False, use_pretrained_backbone=False, backbone=None,
+      backbone_config=hf_resnet_config(m.backbone_depth, out_features), d_model=m.hidden_dim,
+      encoder_layers=m.enc_layers, decoder_layers=m.dec_layers, encoder_attention_heads=m.nheads,
+      decoder_attention_heads=m.nheads, encoder_ffn_dim=m.dim_feedforward,
+      decoder_ffn_dim=m.dim_feedforward, num_queries=m.num_queries,
+      two_stage_num_proposals=m.num_queries, num_labels=m.num_classes,
+      num_feature_levels=m.num_feature_levels, enc_n_points=m.enc_n_points,
+      encoder_n_points=m.enc_n_points, decoder_n_points=m.dec_n_points,
+      with_box_refine=m.with_box_refine, two_stage=m.two_stage, auxiliary_loss=auxiliary_loss,
+      dropout=dropout, attention_dropout=0.0, activation_dropout=0.0)
 
 
 def _dilate_last_stage(model, layer_type: str) -> None:
@@ -28,24 +56,10 @@ def _dilate_last_stage(model, layer_type: str) -> None:
 def build_hf_model(model_config, seed: int = 0) -> DeformableDetrForObjectDetection:
   """HF model matching `config.model` (ml_collections) with every weight and buffer randomised."""
   m = model_config
-  layer_type, depths, sizes = _RESNET[m.backbone_depth]
-  out_features = ["stage2", "stage3", "stage4"] if m.num_feature_levels > 1 else ["stage4"]
-  backbone_config = ResNetConfig(layer_type=layer_type, depths=depths, hidden_sizes=sizes,
-                                 embedding_size=64, out_features=out_features)
-  config = DeformableDetrConfig(
-      use_timm_backbone=False, use_pretrained_backbone=False, backbone=None,
-      backbone_config=backbone_config, d_model=m.hidden_dim, encoder_layers=m.enc_layers,
-      decoder_layers=m.dec_layers, encoder_attention_heads=m.nheads, decoder_attention_heads=m.nheads,
-      encoder_ffn_dim=m.dim_feedforward, decoder_ffn_dim=m.dim_feedforward, num_queries=m.num_queries,
-      two_stage_num_proposals=m.num_queries, num_labels=m.num_classes,
-      num_feature_levels=m.num_feature_levels, enc_n_points=m.enc_n_points,
-      encoder_n_points=m.enc_n_points, decoder_n_points=m.dec_n_points,
-      with_box_refine=m.with_box_refine, two_stage=m.two_stage, auxiliary_loss=True,
-      dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
   torch.manual_seed(seed)
-  model = DeformableDetrForObjectDetection(config).eval()
+  model = DeformableDetrForObjectDetection(hf_config(m)).eval()
   if m.dilation:
-    _dilate_last_stage(model, layer_type)
+    _dilate_last_stage(model, _RESNET[m.backbone_depth][0])
   gen = torch.Generator().manual_seed(seed + 1)
   with torch.no_grad():
     for name, p in model.named_parameters():
