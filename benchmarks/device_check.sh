@@ -27,10 +27,11 @@
 #      the Pallas one fails.
 # A failing step is logged and the next one still runs; the exit status is the number of
 # failed steps. STEPS=msda,train_step (say) runs only those steps, e.g. to rerun one; an unknown
-# name is an error. The time limits add up to 575 s (plus at most 10 s each to kill a step that
-# overran), inside one device call (600 s). On an H200 (2026-12-04) environment and pallas_tests
-# took about 100 s together, the train-step benchmark about 250 s, and msda with three impls did
-# 22 of its 48 rows in 120 s.
+# name is an error. The time limits add up to 555 s, 595 s with the 10 s each may take to kill
+# a step that overran: inside one device call (600 s). On an H200 (2026-12-04) the kernel tests
+# took 61 s, the tiny train-step benchmark finished inside 240 s and the full one alone took
+# about 180 s, and msda with three impls did 22 of its 48 rows in 120 s (the decoder rows, not
+# reached then, are smaller).
 set -u
 cd "$(dirname "$0")/.."
 STEPS=${STEPS:-}
@@ -89,7 +90,7 @@ run() {
          "$WHEEL_DIR to this machine" >&2
     exit 2
   fi
-  step environment 45 python3 -c '
+  step environment 35 python3 -c '
 import flax, jax, optax, orbax.checkpoint, torch, transformers
 print("jax", jax.__version__, jax.devices())
 print("flax", flax.__version__, "optax", optax.__version__, "orbax-checkpoint",
@@ -103,7 +104,7 @@ print("auto impl:", ms_deform_attn.resolve_auto_impl(),
   # tests/conftest.py keeps an unset JAX_PLATFORMS / CUDA_VISIBLE_DEVICES on the CPU; set, they
   # stay, so the kernel tests run on the GPU without interpret mode (all but the test of what
   # `auto` picks on a CPU).
-  step pallas_tests 100 env JAX_PLATFORMS=cuda CUDA_VISIBLE_DEVICES=0 \
+  step pallas_tests 90 env JAX_PLATFORMS=cuda CUDA_VISIBLE_DEVICES=0 \
     python3 -m pytest -q -p no:cacheprovider tests/test_ms_deform_attn_pallas.py \
     -k "not auto_resolution"
   step msda 150 python3 benchmarks/msda.py --image 800x1333 --batches 2,8 --dtypes fp32,bf16 \

@@ -34,7 +34,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from ddetr_jax import host_malloc  # noqa: E402
+from ddetr_jax import host_malloc, xla_gpu_flags  # noqa: E402
 
 _MALLOC_CHOICES = ("tuned", "default")
 
@@ -49,6 +49,8 @@ def _malloc_choice(argv) -> str:
 # Before torch and jax start their threads: glibc keeps the arena a thread already has.
 _MALLOC_TUNED = (__name__ == "__main__" and _malloc_choice(sys.argv[1:]) == "tuned"
                  and host_malloc.tune())
+if __name__ == "__main__":
+  xla_gpu_flags.disable_triton_gemm()  # as train.py, before JAX's first backend
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

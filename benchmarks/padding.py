@@ -96,6 +96,8 @@ def main():
   parser.add_argument("--batch", default="2,4", help="images per batch (per device / per host)")
   parser.add_argument("--forward", action="store_true")
   args = parser.parse_args()
+  from ddetr_jax import xla_gpu_flags  # pylint: disable=g-import-not-at-top
+  xla_gpu_flags.disable_triton_gemm()  # as eval.py, before --forward's first computation
   print("| images per batch | landscape share | square: padded px / image px (shapes) | "
         "rect | official (batch max) |")
   print("|---|---|---|---|---|")

@@ -42,7 +42,6 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-
 def _config(name: str):
   from configs import deformable_detr, tiny  # pylint: disable=g-import-not-at-top
   return tiny.get_config("default") if name == "tiny" else deformable_detr.get_config("default")

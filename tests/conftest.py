@@ -7,6 +7,10 @@ if _FLAG not in os.environ.get("XLA_FLAGS", ""):
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # TensorFlow (TFDS) must never grab a GPU.
+# As train.py: XLA's Triton GEMM fusion off, for suites run on a GPU (JAX_PLATFORMS=cuda), where
+# XLA aborted compiling the train step with it (ddetr_jax/xla_gpu_flags.py).
+from ddetr_jax import xla_gpu_flags  # noqa: E402  (imports no JAX)
+xla_gpu_flags.disable_triton_gemm()
 
 import signal  # noqa: E402
 

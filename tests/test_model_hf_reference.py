@@ -1,6 +1,7 @@
 """Builds randomly initialised HuggingFace Deformable DETR models (no download) for parity tests,
 and checks the reference itself (DC5 patch of HF's ResNet). `hf_config` and `hf_resnet_config`
-also serve the benchmarks that time HF's model (benchmarks/train_step.py, benchmarks/eval.py)."""
+also serve benchmarks/train_step.py, which times HF's model (benchmarks/eval.py uses
+`build_hf_model`)."""
 import numpy as np
 import torch
 from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection, ResNetConfig

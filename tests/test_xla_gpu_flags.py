@@ -19,6 +19,10 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ("--xla_gpu_enable_triton_gemm=true", "--xla_gpu_enable_triton_gemm=true", False),
     ("--xla_dump_to=/tmp/d --xla_gpu_enable_triton_gemm=false",
      "--xla_dump_to=/tmp/d --xla_gpu_enable_triton_gemm=false", False),
+    ("--xla_gpu_enable_triton_gemm", "--xla_gpu_enable_triton_gemm", False),  # bare: true
+    # Another flag that only shares the name's prefix leaves the fusion on: still appended.
+    ("--xla_gpu_enable_triton_gemm_int4=true",
+     "--xla_gpu_enable_triton_gemm_int4=true --xla_gpu_enable_triton_gemm=false", True),
 ])
 def test_appends_the_flag_unless_xla_flags_names_it(monkeypatch, before, after, changed):
   if before is None:
