@@ -41,10 +41,7 @@ def check_config(data_config) -> None:
     raise errors.InvalidInputError(
         f"data.buckets must be a tuple of image sides in pixels (positive integers), e.g. "
         f"(800, 1024, 1344), got {buckets!r}")
-  shape = bucket_shape_of(data_config)
-  if shape not in BUCKET_SHAPES:
-    raise errors.InvalidInputError(
-        f"data.bucket_shape must be one of {BUCKET_SHAPES}, got {shape!r}")
+  _check_bucket_shape(bucket_shape_of(data_config))
   max_boxes = data_config.max_boxes
   if not isinstance(max_boxes, (int, np.integer)) or isinstance(max_boxes, bool) or max_boxes < 1:
     raise errors.InvalidInputError(f"data.max_boxes must be an integer >= 1, got {max_boxes!r}")
@@ -64,6 +61,13 @@ def bucket_shape_of(data_config) -> str:
   return data_config.get("bucket_shape", "square")
 
 
+def _check_bucket_shape(shape: str) -> None:
+  """Raises errors.InvalidInputError naming data.bucket_shape unless it is in BUCKET_SHAPES."""
+  if shape not in BUCKET_SHAPES:
+    raise errors.InvalidInputError(
+        f"data.bucket_shape must be one of {BUCKET_SHAPES}, got {shape!r}")
+
+
 def select_bucket(height: int, width: int, buckets) -> int:
   """Smallest bucket side >= max(height, width)."""
   fitting = [b for b in sorted(buckets) if b >= max(height, width)]
@@ -79,12 +83,10 @@ def select_bucket(height: int, width: int, buckets) -> int:
 def select_bucket_shape(height: int, width: int, buckets, shape: str = "square"
                         ) -> tuple[int, int]:
   """(H, W) of the bucket that holds a height x width image (see the module doc for `shape`)."""
+  _check_bucket_shape(shape)
   if shape == "square":
     side = select_bucket(height, width, buckets)
     return side, side
-  if shape != "rect":
-    raise errors.InvalidInputError(f"data.bucket_shape must be one of {BUCKET_SHAPES}, got "
-                                   f"{shape!r}")
   select_bucket(height, width, buckets)  # the error for an image larger than every bucket.
   return (min(b for b in buckets if b >= height), min(b for b in buckets if b >= width))
 
